@@ -1,0 +1,163 @@
+"""The one interface every backbone source implements.
+
+A :class:`Backbone` wraps a Vision Transformer and returns, from a single forward pass, the
+patch tokens of any set of blocks as ``(B, h, w, D)`` grids with the prefix tokens (CLS,
+registers, proxies) split off, optionally the last block's attention keys and attention maps.
+Sources (``hf:``, ``timm:``, ``zoo:``, the native ViT) only implement :meth:`Backbone._run`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Features:
+    """What one forward pass returns, indexed by block (0-based)."""
+
+    tokens: dict[int, Tensor]
+    """block → patch tokens ``(B, h, w, D)``."""
+    prefix: dict[int, Tensor]
+    """block → prefix tokens ``(B, P, D)`` (CLS first, then registers/proxies)."""
+    keys: Tensor | None = None
+    """last block's attention keys of the patches ``(B, h, w, D)``, heads concatenated."""
+    attentions: dict[int, Tensor] = field(default_factory=dict)
+    """block → attention probabilities ``(B, heads, N, N)`` over the full sequence, prefix first."""
+
+
+@dataclass
+class RawOutput:
+    """What a source returns: full sequences (prefix first), before splitting."""
+
+    hidden: dict[int, Tensor]
+    """block → ``(B, P + h*w, D)``, final norm already applied when requested."""
+    keys: Tensor | None = None
+    """``(B, P + h*w, D)`` last-block keys."""
+    attentions: dict[int, Tensor] = field(default_factory=dict)
+
+
+class Backbone(nn.Module):
+    """A ViT with a uniform feature API.
+
+    Attributes describe the model: ``patch_size``, ``embed_dim``, ``num_blocks``, ``num_heads``,
+    ``num_prefix_tokens``, and its preprocessing: ``image_mean``, ``image_std``, ``image_size``
+    (the resolution it was trained at).
+    """
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        patch_size: int,
+        embed_dim: int,
+        num_blocks: int,
+        num_heads: int,
+        num_prefix_tokens: int,
+        image_size: int = 224,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.model_id = model_id
+        self.patch_size = int(patch_size)
+        self.embed_dim = int(embed_dim)
+        self.num_blocks = int(num_blocks)
+        self.num_heads = int(num_heads)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.image_size = int(image_size)
+        self.image_mean = tuple(float(v) for v in image_mean)
+        self.image_std = tuple(float(v) for v in image_std)
+
+    # -- to implement -------------------------------------------------------------------------
+    def _run(
+        self, pixels: Tensor, blocks: Sequence[int], norm: bool, keys: bool, attentions: Sequence[int]
+    ) -> RawOutput:
+        raise NotImplementedError
+
+    # -- public API ---------------------------------------------------------------------------
+    def resolve_blocks(self, blocks: int | str | Iterable[int] | None) -> list[int]:
+        """Normalise a block selection: ``None``/``"last"`` → last block, ``"all"`` → every
+        block, ints may be negative. Returns sorted unique 0-based indices."""
+        if blocks is None or blocks == "last":
+            return [self.num_blocks - 1]
+        if blocks == "all":
+            return list(range(self.num_blocks))
+        if isinstance(blocks, int):
+            blocks = [blocks]
+        out = set()
+        for b in blocks:
+            b = int(b)
+            idx = b + self.num_blocks if b < 0 else b
+            if not 0 <= idx < self.num_blocks:
+                raise ValueError(f"block {b} is out of range for {self.model_id} ({self.num_blocks} blocks)")
+            out.add(idx)
+        return sorted(out)
+
+    def grid_size(self, pixels: Tensor) -> tuple[int, int]:
+        height, width = pixels.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
+            )
+        return height // self.patch_size, width // self.patch_size
+
+    def forward_features(
+        self,
+        pixels: Tensor,
+        blocks: int | str | Iterable[int] | None = None,
+        *,
+        norm: bool = True,
+        keys: bool = False,
+        attentions: int | str | Iterable[int] | None = (),
+    ) -> Features:
+        """Encode normalised ``pixels`` ``(B, 3, H, W)`` once and return the requested outputs.
+
+        ``norm`` applies the model's final normalisation to every returned block (as DINOv2's
+        ``get_intermediate_layers`` does); ``keys`` adds the last block's attention keys;
+        ``attentions`` names the blocks whose attention maps to return.
+        """
+        h, w = self.grid_size(pixels)
+        block_ids = self.resolve_blocks(blocks)
+        attn_ids = self.resolve_blocks(attentions) if attentions not in ((), [], None) else []
+        raw = self._run(pixels, block_ids, norm, keys, attn_ids)
+        p = self.num_prefix_tokens
+        tokens, prefix = {}, {}
+        for b in block_ids:
+            seq = raw.hidden[b]
+            prefix[b] = seq[:, :p]
+            tokens[b] = seq[:, p:].reshape(seq.shape[0], h, w, seq.shape[-1])
+        key_grid = None
+        if keys:
+            if raw.keys is None:
+                raise NotImplementedError(f"{self.model_id} does not expose attention keys")
+            key_grid = raw.keys[:, p:].reshape(raw.keys.shape[0], h, w, raw.keys.shape[-1])
+        return Features(tokens=tokens, prefix=prefix, keys=key_grid, attentions=raw.attentions)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """Final-norm patch tokens of the last block, ``(B, h, w, D)``."""
+        return self.forward_features(pixels).tokens[self.num_blocks - 1]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def describe(self) -> dict:
+        """Plain-data description, stored in head files and model cards."""
+        return {
+            "model_id": self.model_id,
+            "patch_size": self.patch_size,
+            "embed_dim": self.embed_dim,
+            "num_blocks": self.num_blocks,
+            "num_heads": self.num_heads,
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "image_size": self.image_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }

@@ -1,0 +1,1 @@
+"""Data: image readers, tar shards, synthetic non-semantic images, evaluation datasets."""
