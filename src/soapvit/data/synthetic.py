@@ -1,0 +1,149 @@
+"""Synthetic images without semantic content (METHODS.md §1), generated on the device in batches.
+
+Every generator works in ImageNet-normalised space, as the SOAP reference does, and the result
+is re-normalised to the target backbone's mean/std when those differ. A :class:`SyntheticImages`
+source is seeded: the same seed, batch size and count give the same images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..backbones.base import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import SoapvitError
+
+GENERATORS = ("mixture", "marginal", "pink", "modulated", "gradient")
+MARGINAL_KINDS = ("uniform", "gaussian", "pink", "gradient", "constant")
+MARGINAL_PROBS = (0.05, 0.15, 0.4, 0.3, 0.1)
+
+
+def dct_matrix(n: int, device=None, dtype=torch.float32) -> Tensor:
+    """Orthonormal DCT-II matrix ``C`` (``C @ x`` transforms along the first axis)."""
+    k = torch.arange(n, device=device, dtype=torch.float64)[:, None]
+    i = torch.arange(n, device=device, dtype=torch.float64)[None, :]
+    c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    c[0] /= math.sqrt(2.0)
+    return c.to(dtype)
+
+
+def pink_filter(size: int, alpha: float = 1.0, device=None) -> Tensor:
+    """``1 / f^alpha`` over DCT frequency indices, ``f = sqrt(u² + v²)``, ``f(0, 0) := 1``."""
+    u = torch.arange(size, device=device, dtype=torch.float32)
+    f = torch.sqrt(u[:, None] ** 2 + u[None, :] ** 2)
+    f[0, 0] = 1.0
+    return f.pow(-alpha)
+
+
+def pink_noise(n: int, channels: int, size: int, generator: torch.Generator, *, alpha: float = 1.0,
+               normalise: bool = True, device=None) -> Tensor:
+    """White Gaussian noise shaped to a ``1/f^alpha`` spectrum in the 2-D DCT domain.
+
+    With ``normalise`` each sample's channels are divided by their standard deviation.
+    """
+    white = torch.randn(n, channels, size, size, generator=generator, device=device)
+    c = dct_matrix(size, device=device)
+    spectrum = c @ white @ c.T
+    field = c.T @ (spectrum * pink_filter(size, alpha, device=device)) @ c
+    if normalise:
+        field = field / field.std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    return field
+
+
+def _imagenet_normalise(x01: Tensor) -> Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=x01.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x01.device)[:, None, None]
+    return (x01 - mean) / std
+
+
+def modulated_noise(n: int, size: int, generator: torch.Generator, device=None) -> Tensor:
+    """White Gaussian noise multiplied by a one-channel pink field clipped to [0, 1]."""
+    envelope = pink_noise(n, 1, size, generator, normalise=False, device=device).clamp(0.0, 1.0)
+    return envelope * torch.randn(n, 3, size, size, generator=generator, device=device)
+
+
+def linear_gradient(n: int, size: int, generator: torch.Generator, device=None) -> Tensor:
+    """Per channel ``c0·x + c1·y + c2`` with ``c ~ U(0, 1)``, x, y in [0, 1], clipped to [0, 1],
+    then ImageNet-normalised."""
+    coeffs = torch.rand(n, 3, 3, 1, 1, generator=generator, device=device)
+    ramp = torch.linspace(0.0, 1.0, size, device=device)
+    x, y = ramp[None, :].expand(size, size), ramp[:, None].expand(size, size)
+    img = coeffs[:, :, 0] * x + coeffs[:, :, 1] * y + coeffs[:, :, 2]
+    return _imagenet_normalise(img.clamp(0.0, 1.0))
+
+
+def mixture(n: int, size: int, generator: torch.Generator, device=None) -> Tensor:
+    """Per-image Dirichlet(1, 1, 2) blend of pink noise, modulated noise and a gradient."""
+    gamma = -torch.log(torch.rand(n, 3, generator=generator, device=device).clamp_min(1e-12))
+    gamma[:, 2] += -torch.log(torch.rand(n, generator=generator, device=device).clamp_min(1e-12))
+    weights = gamma / gamma.sum(dim=1, keepdim=True)  # Dirichlet(1,1,2) via Gamma(1)+Gamma(1)
+    parts = (
+        pink_noise(n, 3, size, generator, device=device),
+        modulated_noise(n, size, generator, device=device),
+        linear_gradient(n, size, generator, device=device),
+    )
+    return sum(weights[:, i, None, None, None] * part for i, part in enumerate(parts))
+
+
+def marginal(n: int, size: int, generator: torch.Generator, device=None) -> Tensor:
+    """One simple generator per image: uniform, Gaussian, pink, gradient or constant, with
+    probabilities .05/.15/.4/.3/.1."""
+    choice = torch.multinomial(torch.tensor(MARGINAL_PROBS, device=device), n, replacement=True,
+                               generator=generator)
+    candidates = torch.stack([
+        _imagenet_normalise(torch.rand(n, 3, size, size, generator=generator, device=device)),
+        torch.randn(n, 3, size, size, generator=generator, device=device),
+        pink_noise(n, 3, size, generator, device=device),
+        linear_gradient(n, size, generator, device=device),
+        _imagenet_normalise(torch.rand(n, 3, 1, 1, generator=generator, device=device).expand(n, 3, size, size)),
+    ])
+    return candidates[choice, torch.arange(n, device=device)]
+
+
+_GENERATOR_FUNCS = {
+    "mixture": mixture,
+    "marginal": marginal,
+    "pink": lambda n, size, g, device=None: pink_noise(n, 3, size, g, device=device),
+    "modulated": modulated_noise,
+    "gradient": linear_gradient,
+}
+
+
+@dataclass
+class SyntheticImages:
+    """A seeded stream of ``count`` synthetic images of ``size × size``, normalised with the
+    target ``mean``/``std``."""
+
+    count: int
+    size: int
+    generator: str = "mixture"
+    seed: int = 0
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.generator not in GENERATORS:
+            raise SoapvitError(f"--generator must be one of {', '.join(GENERATORS)}, not {self.generator!r}")
+        if self.count < 0:
+            raise SoapvitError(f"--synthetic must be >= 0, not {self.count}")
+
+    def batches(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[Tensor]:
+        """Yield ``(b, 3, size, size)`` float tensors on ``device``."""
+        device = torch.device(device)
+        rng = torch.Generator(device=device)
+        rng.manual_seed(self.seed)
+        make = _GENERATOR_FUNCS[self.generator]
+        renorm = tuple(self.mean) != IMAGENET_MEAN or tuple(self.std) != IMAGENET_STD
+        for start in range(0, self.count, batch_size):
+            images = make(min(batch_size, self.count - start), self.size, rng, device=device)
+            if renorm:
+                im_mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+                im_std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+                mean = torch.tensor(self.mean, device=device)[:, None, None]
+                std = torch.tensor(self.std, device=device)[:, None, None]
+                images = (images * im_std + im_mean - mean) / std
+            yield images

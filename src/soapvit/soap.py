@@ -1,0 +1,278 @@
+"""SOAP: semantic-invariance scores, component weights, the projector ``I − V W Vᵀ`` and the head.
+
+Plain tensors in, plain tensors out (METHODS.md §1, formulas 4–6). Two variants:
+
+- ``reference`` (default, the authors' code): centred strict responses, SI per patch position
+  averaged over positions, ``w = s · σ((μ − 0.5 − r) / τ)`` with 0-indexed rank ``r``;
+- ``paper`` (project page): uncentred ``≥ 0`` responses, SI of the pooled probabilities,
+  ``w = s · σ((μ − r) / τ) / σ(μ / τ)`` with 1-indexed rank ``r``.
+
+Weightings beyond the two: ``si`` (every component weighted by its SI, no cut-off) and
+``manual`` (the listed components removed with weight 1).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .backbones.base import Backbone, RawOutput
+from .errors import SoapvitError
+from .stats import ResponseCounts, StreamingMoments, principal_components
+
+VARIANTS = ("reference", "paper")
+WEIGHTINGS = ("reference", "paper", "si", "manual")
+RESPONSE_RULE = {"reference": "centred", "paper": "raw"}
+HEAD_FORMAT = "soapvit-head/1"
+COMPACT_FIELDS = ("eigenvectors", "p_real", "q_synthetic")  # stored in float32 to keep files small
+
+
+def semantic_invariance(p: Tensor, q: Tensor, alpha: float = 2.0, gamma: float = 1.0, eps: float = 1e-6) -> Tensor:
+    """``s = 2 (pq + (1−p)(1−q))^γ / (‖(p, 1−p)‖_α + ‖(q, 1−q)‖_α)``, clamped to (ε, 1−ε).
+
+    Elementwise over any shape; ``p``/``q`` are response probabilities on real/synthetic images.
+    """
+    p, q = p.double(), q.double()
+    agreement = (p * q + (1 - p) * (1 - q)).pow(gamma)
+    norm_p = (p.pow(alpha) + (1 - p).pow(alpha)).pow(1 / alpha)
+    norm_q = (q.pow(alpha) + (1 - q).pow(alpha)).pow(1 / alpha)
+    return (2 * agreement / (norm_p + norm_q)).clamp(eps, 1 - eps)
+
+
+def si_scores(real: ResponseCounts, synthetic: ResponseCounts, variant: str = "reference",
+              alpha: float = 2.0, gamma: float = 1.0) -> Tensor:
+    """SI per component ``(D,)`` from response counts, by ``variant``."""
+    rule = RESPONSE_RULE[_check(variant, VARIANTS, "variant")]
+    p, q = real.probabilities(rule), synthetic.probabilities(rule)
+    if variant == "reference":
+        return semantic_invariance(p, q, alpha, gamma).mean(dim=(0, 1))
+    return semantic_invariance(p.mean(dim=(0, 1)), q.mean(dim=(0, 1)), alpha, gamma)
+
+
+def descending_rank(scores: Tensor) -> Tensor:
+    """0-indexed rank of each score in descending order (ties broken by index)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(scores.numel(), device=scores.device)
+    return rank
+
+
+def auto_mu(scores: Tensor, threshold: float = 0.75) -> int:
+    """Number of components with SI above ``threshold`` (the reference's ``μ=None``)."""
+    return int((scores > threshold).sum())
+
+
+def component_weights(scores: Tensor, weighting: str = "reference", mu: float | None = 2.0, tau: float = 0.05,
+                      components: Sequence[int] = (), threshold: float = 0.75) -> Tensor:
+    """Diagonal of ``W`` for each weighting (see module doc); ``mu=None`` → :func:`auto_mu`."""
+    weighting = _check(weighting, WEIGHTINGS, "weighting")
+    scores = scores.double()
+    if weighting == "manual":
+        weights = torch.zeros_like(scores)
+        for c in components:
+            if not 0 <= c < scores.numel():
+                raise SoapvitError(f"--remove: component {c} is out of range 0..{scores.numel() - 1}")
+            weights[c] = 1.0
+        return weights
+    if weighting == "si":
+        return scores.clone()
+    mu = auto_mu(scores, threshold) if mu is None else float(mu)
+    rank = descending_rank(scores).double()
+    if weighting == "reference":
+        return scores * torch.sigmoid((mu - 0.5 - rank) / tau)
+    rank = rank + 1
+    return scores * torch.sigmoid((mu - rank) / tau) / torch.sigmoid(torch.tensor(mu / tau, dtype=torch.float64))
+
+
+def projector(eigenvectors: Tensor, weights: Tensor) -> Tensor:
+    """``P = I − V diag(w) Vᵀ``: symmetric; idempotent when ``w`` is binary."""
+    v = eigenvectors.double()
+    return torch.eye(v.shape[0], dtype=torch.float64, device=v.device) - (v * weights.double()) @ v.T
+
+
+def _check(value: str, allowed: Sequence[str], name: str) -> str:
+    if value not in allowed:
+        raise SoapvitError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
+@dataclass
+class BlockStatistics:
+    """Everything one pass over the data gives for one block."""
+
+    moments: StreamingMoments
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    real: ResponseCounts
+    synthetic: ResponseCounts
+
+
+@dataclass
+class SoapConfig:
+    """Scoring and weighting settings."""
+
+    variant: str = "reference"
+    weighting: str | None = None  # defaults to the variant
+    mu: float | None = 2.0
+    tau: float = 0.05
+    alpha: float = 2.0
+    gamma: float = 1.0
+    threshold: float = 0.75
+    remove: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        _check(self.variant, VARIANTS, "variant")
+        self.weighting = _check(self.weighting or ("manual" if self.remove else self.variant), WEIGHTINGS, "weighting")
+        if self.tau <= 0:
+            raise SoapvitError(f"--tau must be positive, not {self.tau}")
+
+
+@dataclass
+class BlockDecomposition:
+    """Per block: PCA, SI and weights, kept for diagnosis."""
+
+    mean: Tensor
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    si: Tensor
+    weights: Tensor
+    p_real: Tensor  # (h, w, D) response probabilities
+    q_synthetic: Tensor
+
+
+class SoapHead(nn.Module):
+    """The training-free linear head ``ẑ = P z`` for one block, plus every fitted block's
+    decomposition and the fit's metadata."""
+
+    def __init__(self, blocks: dict[int, BlockDecomposition], apply_layer: int, metadata: dict) -> None:
+        super().__init__()
+        if apply_layer not in blocks:
+            raise SoapvitError(f"--apply-layer {apply_layer} was not fitted; fitted blocks: {sorted(blocks)}")
+        self.blocks = blocks
+        self.apply_layer = apply_layer
+        self.metadata = dict(metadata)
+        self.register_buffer("projector", projector(blocks[apply_layer].eigenvectors, blocks[apply_layer].weights).float())
+
+    @classmethod
+    def from_statistics(cls, stats: dict[int, BlockStatistics], config: SoapConfig, apply_layer: int,
+                        metadata: dict | None = None) -> SoapHead:
+        """Score every block and build the head for ``apply_layer``."""
+        blocks = {}
+        for b, s in stats.items():
+            si = si_scores(s.real, s.synthetic, config.variant, config.alpha, config.gamma)
+            weights = component_weights(si, config.weighting, config.mu, config.tau, config.remove, config.threshold)
+            rule = RESPONSE_RULE[config.variant]
+            blocks[b] = BlockDecomposition(
+                mean=s.moments.mean, eigenvalues=s.eigenvalues, eigenvectors=s.eigenvectors, si=si,
+                weights=weights, p_real=s.real.probabilities(rule), q_synthetic=s.synthetic.probabilities(rule),
+            )
+        meta = dict(metadata or {})
+        meta.update(variant=config.variant, weighting=config.weighting, mu=config.mu, tau=config.tau,
+                    alpha=config.alpha, gamma=config.gamma, threshold=config.threshold, remove=list(config.remove),
+                    auto_mu={b: auto_mu(d.si, config.threshold) for b, d in blocks.items()})
+        return cls(blocks, apply_layer, meta)
+
+    def reweighted(self, config: SoapConfig, apply_layer: int | None = None) -> SoapHead:
+        """The same decomposition with other weights (scores are kept; the variant must match)."""
+        if config.variant != self.metadata.get("variant"):
+            raise SoapvitError("changing --variant needs the response counts: fit again")
+        blocks = {}
+        for b, d in self.blocks.items():
+            w = component_weights(d.si, config.weighting, config.mu, config.tau, config.remove, config.threshold)
+            blocks[b] = BlockDecomposition(d.mean, d.eigenvalues, d.eigenvectors, d.si, w, d.p_real, d.q_synthetic)
+        meta = dict(self.metadata)
+        meta.update(weighting=config.weighting, mu=config.mu, tau=config.tau, remove=list(config.remove))
+        return SoapHead(blocks, self.apply_layer if apply_layer is None else apply_layer, meta)
+
+    def transform(self, tokens: Tensor) -> Tensor:
+        """Apply ``P`` on the last dimension of ``tokens`` (no centring, as the reference)."""
+        return tokens @ self.projector.to(tokens.device, tokens.dtype)
+
+    forward = transform
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write a safetensors file: tensors per block plus JSON metadata."""
+        tensors = {"projector": self.projector.contiguous()}
+        for b, d in self.blocks.items():
+            for name in ("mean", "eigenvalues", "eigenvectors", "si", "weights", "p_real", "q_synthetic"):
+                value = getattr(d, name).detach().cpu()
+                if name in COMPACT_FIELDS:
+                    value = value.float()
+                tensors[f"block.{b}.{name}"] = value.contiguous()
+        meta = {"format": HEAD_FORMAT, "apply_layer": str(self.apply_layer),
+                "blocks": json.dumps(sorted(self.blocks)), "metadata": json.dumps(self.metadata)}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SoapHead:
+        """Read a head file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise SoapvitError(f"head file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as err:  # safetensors raises several unrelated types
+            raise SoapvitError(f"{path} is not a readable SOAP head file: {err}") from err
+        if meta.get("format") != HEAD_FORMAT:
+            raise SoapvitError(f"{path} is not a SOAP head file (format {meta.get('format')!r})")
+        blocks = {
+            b: BlockDecomposition(**{n: tensors[f"block.{b}.{n}"].double() for n in BlockDecomposition.__dataclass_fields__})
+            for b in json.loads(meta["blocks"])
+        }
+        metadata = json.loads(meta["metadata"])
+        metadata["auto_mu"] = {int(k): v for k, v in metadata.get("auto_mu", {}).items()}
+        return cls(blocks, int(meta["apply_layer"]), metadata)
+
+    def summary(self) -> dict:
+        """Plain data: per block eigenvalues, SI and weights in descending-eigenvalue order."""
+        return {
+            "backbone": self.metadata.get("backbone", ""),
+            "apply_layer": self.apply_layer,
+            "layers": {
+                str(b): {"eigenvalues": d.eigenvalues.tolist(), "si": d.si.tolist(), "weights": d.weights.tolist()}
+                for b, d in sorted(self.blocks.items())
+            },
+        }
+
+
+class SoapBackbone(Backbone):
+    """A backbone whose tokens at the head's block come out SOAP-corrected."""
+
+    def __init__(self, backbone: Backbone, head: SoapHead) -> None:
+        desc = backbone.describe()
+        desc.pop("model_id")
+        super().__init__(f"{backbone.model_id}+soap", **desc)
+        if head.projector.shape[0] != backbone.embed_dim:
+            raise SoapvitError(
+                f"head dimension {head.projector.shape[0]} does not match {backbone.model_id} ({backbone.embed_dim})"
+            )
+        self.backbone = backbone
+        self.head = head
+
+    def _run(self, pixels, blocks, norm, keys, attentions) -> RawOutput:
+        raw = self.backbone._run(pixels, blocks, norm, keys, attentions)
+        b = self.head.apply_layer
+        if b in raw.hidden:
+            p = self.num_prefix_tokens
+            seq = raw.hidden[b]
+            raw.hidden[b] = torch.cat([seq[:, :p], self.head.transform(seq[:, p:])], dim=1)
+        return raw
+
+
+def attach(backbone: Backbone, head: SoapHead) -> SoapBackbone:
+    """Wrap ``backbone`` so the head's block returns corrected patch tokens."""
+    return SoapBackbone(backbone, head)

@@ -1,0 +1,119 @@
+"""Streaming statistics of patch tokens: mergeable moments and sign-response counts.
+
+:class:`StreamingMoments` keeps count, mean and the centred scatter matrix in float64 and
+merges batches with Chan et al.'s parallel update, so chunks of any size, from any number of
+processes, give the same mean and covariance as one pass. :class:`ResponseCounts` counts, per
+patch position and principal component, how often a token projects positively.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class StreamingMoments:
+    """Mean and covariance of ``D``-dimensional rows, updated batch by batch (float64)."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.dim = dim
+        self.count = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.scatter = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, rows: Tensor) -> StreamingMoments:
+        """Add ``rows`` ``(N, D)``: batch moments first, then a Chan merge."""
+        rows = rows.reshape(-1, self.dim).to(self.mean.device, torch.float64)
+        n = rows.shape[0]
+        if n == 0:
+            return self
+        batch_mean = rows.mean(dim=0)
+        centred = rows - batch_mean
+        self._merge(n, batch_mean, centred.T @ centred)
+        return self
+
+    def merge(self, other: StreamingMoments) -> StreamingMoments:
+        """Fold another accumulator (e.g. from another process) into this one."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge moments of dimension {other.dim} into {self.dim}")
+        if other.count:
+            self._merge(other.count, other.mean.to(self.mean.device), other.scatter.to(self.mean.device))
+        return self
+
+    def _merge(self, n_b: int, mean_b: Tensor, scatter_b: Tensor) -> None:
+        n_a = self.count
+        total = n_a + n_b
+        delta = mean_b - self.mean
+        self.scatter += scatter_b + torch.outer(delta, delta) * (n_a * n_b / total)
+        self.mean += delta * (n_b / total)
+        self.count = total
+
+    def covariance(self, correction: int = 1) -> Tensor:
+        """Covariance with ``correction`` (1: unbiased, as the SOAP reference)."""
+        if self.count <= correction:
+            raise ValueError(f"need more than {correction} rows for a covariance, have {self.count}")
+        return self.scatter / (self.count - correction)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"count": torch.tensor(self.count, dtype=torch.int64), "mean": self.mean, "scatter": self.scatter}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], device: torch.device | str = "cpu") -> StreamingMoments:
+        moments = cls(state["mean"].numel(), device)
+        moments.count = int(state["count"])
+        moments.mean = state["mean"].to(device, torch.float64).clone()
+        moments.scatter = state["scatter"].to(device, torch.float64).clone()
+        return moments
+
+
+def principal_components(moments: StreamingMoments) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending) and eigenvectors (columns, same order) of the covariance."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(moments.covariance())
+    return eigenvalues.flip(0), eigenvectors.flip(1)
+
+
+@dataclass
+class ResponseCounts:
+    """Per position ``(h, w)`` and component ``d``: how many images had a positive response.
+
+    Two response rules are counted together so either SOAP variant can be scored later:
+    ``centred`` is ``(z − μ)·v > 0`` (reference code), ``raw`` is ``z·v ≥ 0`` (project page).
+    """
+
+    centred: Tensor  # (h, w, D) int64
+    raw: Tensor  # (h, w, D) int64
+    images: int = 0
+
+    @classmethod
+    def zeros(cls, grid: tuple[int, int], dim: int, device: torch.device | str = "cpu") -> ResponseCounts:
+        shape = (*grid, dim)
+        return cls(torch.zeros(shape, dtype=torch.int64, device=device),
+                   torch.zeros(shape, dtype=torch.int64, device=device))
+
+    def update(self, tokens: Tensor, mean: Tensor, components: Tensor) -> ResponseCounts:
+        """Add tokens ``(B, h, w, D)`` given the PCA ``mean`` ``(D,)`` and ``components`` ``(D, D)``."""
+        if tokens.shape[1:3] != self.centred.shape[:2]:
+            raise ValueError(
+                f"response maps need one grid size: got {tuple(tokens.shape[1:3])}, "
+                f"expected {tuple(self.centred.shape[:2])} (use a fixed --image-size)"
+            )
+        z = tokens.to(components.dtype)
+        raw = z @ components
+        offset = mean.to(components.dtype) @ components
+        self.centred += (raw > offset).sum(dim=0).to(self.centred.device)
+        self.raw += (raw >= 0).sum(dim=0).to(self.raw.device)
+        self.images += tokens.shape[0]
+        return self
+
+    def merge(self, other: ResponseCounts) -> ResponseCounts:
+        self.centred += other.centred.to(self.centred.device)
+        self.raw += other.raw.to(self.raw.device)
+        self.images += other.images
+        return self
+
+    def probabilities(self, rule: str = "centred") -> Tensor:
+        """Per-position response probability ``(h, w, D)`` in float64."""
+        counts = {"centred": self.centred, "raw": self.raw}[rule]
+        return counts.double() / max(self.images, 1)
