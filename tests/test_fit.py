@@ -80,6 +80,8 @@ def test_fit_matches_numpy_recomputation(image_folder, variant):
         np.testing.assert_allclose(d.si.numpy()[keep], si[keep], rtol=1e-9)
         if np.allclose(d.si.numpy(), si, rtol=1e-9):  # ranks are only comparable when all SI agree
             np.testing.assert_allclose(d.weights.numpy(), weights, rtol=1e-9, atol=1e-12)
+        share = ((real.mean(0).reshape(-1, len(mean)) - mean) @ vectors) ** 2
+        np.testing.assert_allclose(d.position_share.numpy()[keep], np.clip(share.mean(0) / values, 0, 1)[keep], rtol=1e-7)
         proj = np.eye(len(si)) - vectors @ np.diag(weights) @ vectors.T
         if block == 1:
             np.testing.assert_allclose(head.projector.double().numpy(), proj, atol=1e-6)
@@ -107,6 +109,8 @@ def test_soap_finds_the_position_embedding_and_attach_removes_it(image_folder, t
     assert d.si[top].min() > 0.75
     # responses of position-coding components are (nearly) the same map for real and synthetic
     assert (d.p_real[..., top] - d.q_synthetic[..., top]).abs().mean() < 0.15
+    # and they are position codes: most of their variance is explained by patch position
+    assert d.position_share[top].min() > 0.5
 
     head = SoapHead.load(head.save(tmp_path / "head.safetensors"))
     wrapped = attach(backbone, head)

@@ -97,7 +97,8 @@ def _head(dim=6, seed=0):
     si = torch.rand(dim, generator=g, dtype=torch.float64)
     d = BlockDecomposition(mean=torch.randn(dim, dtype=torch.float64), eigenvalues=torch.arange(dim, 0, -1).double(),
                            eigenvectors=v, si=si, weights=component_weights(si, "reference"),
-                           p_real=torch.rand(2, 2, dim).double(), q_synthetic=torch.rand(2, 2, dim).double())
+                           p_real=torch.rand(2, 2, dim).double(), q_synthetic=torch.rand(2, 2, dim).double(),
+                           position_share=torch.rand(dim).double())
     return SoapHead({3: d}, 3, {"backbone": "toy:test", "variant": "reference"})
 
 

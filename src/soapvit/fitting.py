@@ -80,12 +80,14 @@ def collect_statistics(
 
     # pass 1: moments of the real tokens
     moments = {b: StreamingMoments(dim, device) for b in blocks}
+    position_sum = {b: torch.zeros(*grid, dim, dtype=torch.float64, device=device) for b in blocks}
     cache: list[dict[int, Tensor]] = []
     done = 0
     for pixels, _ in real_batches(skipped):
         feats = encode(backbone, pixels, blocks, norm=norm)
         for b in blocks:
             moments[b].update(feats.tokens[b].reshape(-1, dim))
+            position_sum[b] += feats.tokens[b].sum(dim=0, dtype=torch.float64)
         if use_cache:
             cache.append({b: feats.tokens[b] for b in blocks})
         done += pixels.shape[0]
@@ -123,7 +125,8 @@ def collect_statistics(
         raise SoapvitError("--synthetic produced no images")
 
     stats = {
-        b: BlockStatistics(moments[b], pcs[b][0], pcs[b][1], real[b], fake[b]) for b in blocks
+        b: BlockStatistics(moments[b], pcs[b][0], pcs[b][1], real[b], fake[b], position_sum[b] / n_real)
+        for b in blocks
     }
     report = FitReport(n_real=n_real, n_synthetic=done, skipped=skipped.files,
                        seconds=time.perf_counter() - start, cached=use_cache)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .backbones.base import Backbone, RawOutput
 from .errors import SoapvitError
-from .stats import ResponseCounts, StreamingMoments, principal_components
+from .stats import ResponseCounts, StreamingMoments, positional_fraction
 
 VARIANTS = ("reference", "paper")
 WEIGHTINGS = ("reference", "paper", "si", "manual")
@@ -111,6 +111,7 @@ class BlockStatistics:
     eigenvectors: Tensor
     real: ResponseCounts
     synthetic: ResponseCounts
+    position_mean: Tensor  # (h, w, D) mean real token per patch position
 
 
 @dataclass
@@ -144,6 +145,7 @@ class BlockDecomposition:
     weights: Tensor
     p_real: Tensor  # (h, w, D) response probabilities
     q_synthetic: Tensor
+    position_share: Tensor  # (D,) variance share explained by patch position
 
 
 class SoapHead(nn.Module):
@@ -171,6 +173,7 @@ class SoapHead(nn.Module):
             blocks[b] = BlockDecomposition(
                 mean=s.moments.mean, eigenvalues=s.eigenvalues, eigenvectors=s.eigenvectors, si=si,
                 weights=weights, p_real=s.real.probabilities(rule), q_synthetic=s.synthetic.probabilities(rule),
+                position_share=positional_fraction(s.position_mean, s.moments.mean, s.eigenvectors, s.eigenvalues),
             )
         meta = dict(metadata or {})
         meta.update(variant=config.variant, weighting=config.weighting, mu=config.mu, tau=config.tau,
@@ -185,7 +188,8 @@ class SoapHead(nn.Module):
         blocks = {}
         for b, d in self.blocks.items():
             w = component_weights(d.si, config.weighting, config.mu, config.tau, config.remove, config.threshold)
-            blocks[b] = BlockDecomposition(d.mean, d.eigenvalues, d.eigenvectors, d.si, w, d.p_real, d.q_synthetic)
+            blocks[b] = BlockDecomposition(d.mean, d.eigenvalues, d.eigenvectors, d.si, w, d.p_real, d.q_synthetic,
+                                           d.position_share)
         meta = dict(self.metadata)
         meta.update(weighting=config.weighting, mu=config.mu, tau=config.tau, remove=list(config.remove))
         return SoapHead(blocks, self.apply_layer if apply_layer is None else apply_layer, meta)
@@ -201,7 +205,7 @@ class SoapHead(nn.Module):
         """Write a safetensors file: tensors per block plus JSON metadata."""
         tensors = {"projector": self.projector.contiguous()}
         for b, d in self.blocks.items():
-            for name in ("mean", "eigenvalues", "eigenvectors", "si", "weights", "p_real", "q_synthetic"):
+            for name in BlockDecomposition.__dataclass_fields__:
                 value = getattr(d, name).detach().cpu()
                 if name in COMPACT_FIELDS:
                     value = value.float()

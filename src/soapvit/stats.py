@@ -74,6 +74,17 @@ def principal_components(moments: StreamingMoments) -> tuple[Tensor, Tensor]:
     return eigenvalues.flip(0), eigenvectors.flip(1)
 
 
+def positional_fraction(position_mean: Tensor, mean: Tensor, eigenvectors: Tensor, eigenvalues: Tensor) -> Tensor:
+    """Share of each component's variance explained by patch position alone, in [0, 1].
+
+    ``position_mean`` ``(h, w, D)`` is the mean token at each position; the between-position
+    variance of ``(μ_pos − μ)·v_d`` divided by ``λ_d``. Near 1: the component is a position code.
+    """
+    offsets = (position_mean.reshape(-1, position_mean.shape[-1]).double() - mean.double()) @ eigenvectors.double()
+    between = offsets.pow(2).mean(dim=0)
+    return (between / eigenvalues.double().clamp_min(1e-12)).clamp(0.0, 1.0)
+
+
 @dataclass
 class ResponseCounts:
     """Per position ``(h, w)`` and component ``d``: how many images had a positive response.

@@ -1,0 +1,143 @@
+"""Figures for SOAP heads: SI curves, max SI per block, response maps, token maps.
+
+Each function takes plain data (heads, arrays), draws one figure, saves it and returns the path.
+MIM models are drawn solid and non-MIM models dashed, as in the SOAP paper's figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .soap import SoapHead  # noqa: E402
+
+SI_THRESHOLD = 0.75
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_si_curves(heads: Mapping[str, SoapHead], path: Path, dashed: Sequence[str] = (), top: int = 10) -> Path:
+    """SI of the head's block sorted in descending order: all components, and the top ``top``."""
+    fig, (ax_all, ax_top) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, head in heads.items():
+        si = np.sort(head.blocks[head.apply_layer].si.numpy())[::-1]
+        style = "--" if label in dashed else "-"
+        ax_all.plot(np.arange(1, len(si) + 1), si, style, label=label)
+        ax_top.plot(np.arange(1, min(top, len(si)) + 1), si[:top], style, marker="o", label=label)
+    for ax, title in ((ax_all, "all components"), (ax_top, f"top {top}")):
+        ax.axhline(SI_THRESHOLD, color="grey", lw=0.8, ls=":")
+        ax.set(xlabel="rank by SI", ylabel="semantic invariance", title=title, ylim=(0, 1.02))
+    ax_top.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_max_si_per_block(heads: Mapping[str, SoapHead], path: Path, dashed: Sequence[str] = ()) -> Path:
+    """Maximum SI of each fitted block against relative depth (block / number of blocks)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, head in heads.items():
+        blocks = sorted(head.blocks)
+        depth = head.metadata.get("backbone_config", {}).get("num_blocks", max(blocks) + 1)
+        x = [(b + 1) / depth for b in blocks]
+        y = [head.blocks[b].si.max().item() for b in blocks]
+        ax.plot(x, y, "--" if label in dashed else "-", marker="o", ms=3, label=label)
+    ax.axhline(SI_THRESHOLD, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="relative depth", ylabel="max SI in block", ylim=(0, 1.02), title="max semantic invariance vs depth")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def top_components(head: SoapHead, count: int = 4, block: int | None = None) -> list[int]:
+    """Indices (eigenvalue order) of the ``count`` highest-SI components of ``block``."""
+    si = head.blocks[head.apply_layer if block is None else block].si
+    return torch.argsort(si, descending=True)[:count].tolist()
+
+
+def plot_response_maps(head: SoapHead, path: Path, count: int = 4) -> Path:
+    """For the top-SI components: response probability per patch position on real (P) and
+    synthetic (Q) images. Position-coding components show the same spatial pattern in both."""
+    d = head.blocks[head.apply_layer]
+    comps = top_components(head, count)
+    fig, axes = plt.subplots(2, len(comps), figsize=(2.6 * len(comps), 5.2), squeeze=False)
+    for j, c in enumerate(comps):
+        for i, (maps, name) in enumerate(((d.p_real, "real P"), (d.q_synthetic, "synthetic Q"))):
+            ax = axes[i, j]
+            ax.imshow(maps[..., c].numpy(), vmin=0, vmax=1, cmap="viridis")
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(f"PC{c + 1} {name}\nSI {d.si[c]:.3f}" if i == 0 else name, fontsize=8)
+    fig.suptitle(f"response maps, block {head.apply_layer}", fontsize=10)
+    return _save(fig, path)
+
+
+def pca_rgb(tokens: np.ndarray) -> np.ndarray:
+    """First three principal components of ``(h, w, D)`` tokens, min-max scaled to RGB."""
+    flat = tokens.reshape(-1, tokens.shape[-1]).astype(np.float64)
+    flat = flat - flat.mean(0)
+    _, _, vt = np.linalg.svd(flat, full_matrices=False)
+    rgb = flat @ vt[:3].T
+    rgb = (rgb - rgb.min(0)) / np.maximum(rgb.max(0) - rgb.min(0), 1e-12)
+    return rgb.reshape(*tokens.shape[:2], 3)
+
+
+def plot_token_maps(images: Sequence[np.ndarray], before: Sequence[np.ndarray], after: Sequence[np.ndarray],
+                    head: SoapHead, path: Path, count: int = 2) -> Path:
+    """Per image: the image, PCA-RGB of the tokens before/after SOAP, and the top-SI component
+    maps ``(z − μ)·v`` before and after the projection."""
+    d = head.blocks[head.apply_layer]
+    comps = top_components(head, count)
+    v = d.eigenvectors.numpy()
+    mean = d.mean.numpy()
+    cols = 3 + 2 * len(comps)
+    fig, axes = plt.subplots(len(images), cols, figsize=(1.9 * cols, 1.9 * len(images)), squeeze=False)
+    for i, (img, z, zc) in enumerate(zip(images, before, after)):
+        panels = [(img, "image", None), (pca_rgb(z), "PCA before", None), (pca_rgb(zc), "PCA after", None)]
+        for c in comps:
+            lim = np.abs((z - mean) @ v[:, c]).max()
+            panels.append(((z - mean) @ v[:, c], f"PC{c + 1} before", lim))
+            panels.append(((zc - mean) @ v[:, c], f"PC{c + 1} after", lim))
+        for ax, (data, title, lim) in zip(axes[i], panels):
+            if lim is None:
+                ax.imshow(data)
+            else:
+                ax.imshow(data, cmap="coolwarm", vmin=-lim, vmax=lim)
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=8)
+    return _save(fig, path)
+
+
+def render_head_figures(head: SoapHead, out: Path, backbone=None, image_files: Sequence[Path] = (),
+                        label: str | None = None) -> list[Path]:
+    """All figures of one head into ``out``; token maps need the ``backbone`` and images."""
+    from .data.images import ImageTransform, load_image
+    from .features import encode
+
+    out = Path(out)
+    label = label or head.metadata.get("backbone", "model")
+    paths = [
+        plot_si_curves({label: head}, out / "si_sorted.png"),
+        plot_max_si_per_block({label: head}, out / "max_si_per_block.png"),
+        plot_response_maps(head, out / "response_maps.png"),
+    ]
+    if backbone is not None and image_files:
+        size = head.metadata.get("image_size", backbone.image_size)
+        transform = ImageTransform.for_backbone(backbone, size=size)
+        pics = [load_image(f) for f in image_files]
+        pixels = torch.stack([transform(p) for p in pics]).to(backbone.device)
+        tokens = encode(backbone, pixels, [head.apply_layer], norm=head.metadata.get("norm", True)).tokens[head.apply_layer]
+        before = tokens.cpu()
+        after = head.transform(before.double()).float()
+        shown = [np.asarray(p.resize((size, size))) for p in pics]
+        paths.append(plot_token_maps(shown, before.numpy(), after.numpy(), head, out / "token_maps.png"))
+    return paths
