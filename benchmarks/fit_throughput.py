@@ -1,0 +1,75 @@
+"""Images/s of ``soapvit fit`` (every block collected in one pass) against a forward-only pass
+of the same backbone over the same real and synthetic images, measured side by side.
+
+    python benchmarks/fit_throughput.py --model zoo:dinov2-s14-imgfocus \
+        --images ../shared/data/imagenet-sample --limit 256 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from soapvit.backbones import load
+from soapvit.data.images import ImageTransform, list_images
+from soapvit.data.synthetic import SyntheticImages
+from soapvit.features import encode, iter_batches, resolve_device
+from soapvit.fitting import default_workers, fit
+
+
+def forward_only(backbone, files, synthetic, transform, batch_size, device) -> float:
+    """Seconds to decode and encode the same images, last block only, nothing accumulated."""
+    start = time.perf_counter()
+    for pixels, _ in iter_batches(files, transform, batch_size=batch_size, device=device,
+                                  num_workers=default_workers(device)):
+        encode(backbone, pixels)
+    for pixels in synthetic.batches(batch_size, device):
+        encode(backbone, pixels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="zoo:dinov2-s14-imgfocus")
+    parser.add_argument("--images", default="../shared/data/imagenet-sample")
+    parser.add_argument("--limit", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    backbone = load(args.model, device=str(device))
+    files = list_images(args.images, args.limit)
+    transform = ImageTransform.for_backbone(backbone)
+    synthetic = SyntheticImages(len(files), transform.output_size(1, 1)[0], mean=backbone.image_mean,
+                                std=backbone.image_std)
+    n = len(files) + synthetic.count
+    # warm-up (allocator, kernels, page cache)
+    encode(backbone, next(synthetic.batches(args.batch_size, device)))
+
+    rows = []
+    for _ in range(args.repeats):
+        t_forward = forward_only(backbone, files, synthetic, transform, args.batch_size, device)
+        start = time.perf_counter()
+        fit(backbone, files, blocks="all", batch_size=args.batch_size, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_fit = time.perf_counter() - start
+        rows.append((n / t_forward, n / t_fit))
+    forward_ips = max(r[0] for r in rows)
+    fit_ips = max(r[1] for r in rows)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+    print(f"model {args.model} · {len(files)} real + {synthetic.count} synthetic images · batch {args.batch_size} · {name}")
+    print(f"forward only (last block): {forward_ips:8.2f} images/s")
+    print(f"fit (all {backbone.num_blocks} blocks)  : {fit_ips:8.2f} images/s")
+    print(f"ratio fit / forward       : {fit_ips / forward_ips:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
