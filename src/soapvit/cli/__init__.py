@@ -21,17 +21,18 @@ app = typer.Typer(
 eval_app = typer.Typer(help="Zero-shot evaluations, original vs SOAP-corrected tokens.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # progress, warnings, errors
+report = Console()  # results
 
 from . import soap_commands  # noqa: E402,F401  (registers fit, inspect, plot, demo)
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
     """Entry point: run the app; user errors print one line and exit with status 2."""
     from ..errors import SoapvitError
 
     try:
-        app()
+        app(args)
     except (SoapvitError, FileNotFoundError, NotADirectoryError) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import SoapvitError
-from . import app, console
+from . import app, console, report
 
 DEMO_MODEL = "zoo:dinov2-s14-imgfocus"
 
@@ -61,16 +61,18 @@ def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, 
             mu="2", tau=0.05, remove="", generator="mixture", cache_gb=8.0):
     """Load, fit, save; returns ``(backbone, head, report)``."""
     from ..backbones import load
+    from ..data.images import list_images
     from ..features import resolve_device
     from ..fitting import fit
     from ..soap import SoapConfig
 
+    files = list_images(images, limit)  # check the folder before loading a model
     config = SoapConfig(variant=variant, weighting=weighting, mu=parse_mu(mu), tau=tau,
                         remove=[int(c) for c in remove.split(",") if c.strip()])
     dev = resolve_device(device)
     backbone = load(model, device=str(dev))
     with RichProgress() as progress:
-        head, report = fit(backbone, images, limit=limit, synthetic=synthetic, generator=generator,
+        head, report = fit(backbone, files, synthetic=synthetic, generator=generator,
                            blocks=parse_layers(layers), apply_layer=apply_layer, image_size=image_size,
                            batch_size=batch_size, device=dev, seed=seed, config=config, cache_gb=cache_gb,
                            progress=progress)
@@ -123,7 +125,7 @@ def print_findings(head) -> None:
         marker = " ←" if b == head.apply_layer else ""
         table.add_row(f"{b}{marker}", f"{d.si.max():.3f}", f"PC{top + 1}", f"{d.position_share[top]:.0%}",
                       str(int((d.si > 0.75).sum())), " ".join(removed) or "-")
-    console.print(table)
+    report.print(table)
 
 
 @app.command("inspect")
@@ -139,14 +141,14 @@ def inspect_command(
         typer.echo(json.dumps(head.summary()))
         return
     meta = head.metadata
-    console.print(f"backbone {meta.get('backbone')} · variant {meta.get('variant')} · weighting "
+    report.print(f"backbone {meta.get('backbone')} · variant {meta.get('variant')} · weighting "
                   f"{meta.get('weighting')} · μ {meta.get('mu')} · τ {meta.get('tau')} · {meta.get('n_real')} real / "
                   f"{meta.get('n_synthetic')} synthetic images at {meta.get('image_size')} px · applies to block "
                   f"{head.apply_layer}")
     print_findings(head)
     for b, d in sorted(head.blocks.items()):
         cells = " ".join(f"{s:.2f}" + ("*" if w > 0.5 else "") for s, w in zip(d.si.tolist(), d.weights.tolist()))
-        console.print(f"[bold]block {b}[/] SI by PC1..PC{len(d.si)} (* removed): {cells}", highlight=False)
+        report.print(f"[bold]block {b}[/] SI by PC1..PC{len(d.si)} (* removed): {cells}", highlight=False)
 
 
 @app.command("plot")
