@@ -1,0 +1,154 @@
+"""Semantic-segmentation splits: images with integer label maps and an ignore index.
+
+Layouts (``layout="auto"`` picks by the path):
+
+- ``camvid`` / ``folder``: a split folder holding ``images/`` and ``labels/`` (same stems), as
+  ``../shared/data/camvid/{train,val,test}``; CamVid (a ``camvid`` folder on the path) has 11
+  classes and void = 11; a generic folder has ignore 255 and as many classes as its labels show;
+- ``ade20k``: ``ADEChallengeData2016/images/{training,validation}`` with labels in the sibling
+  ``annotations/<split>``; 0 ("other") is ignored, 1..150 become 0..149;
+- ``voc``: a split list ``VOC2012/ImageSets/Segmentation/<split>.txt``; images in
+  ``JPEGImages``, palette labels in ``SegmentationClass``; 21 classes, ignore 255.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .images import DataFolderError, ImageReadError, list_images
+
+LAYOUTS = ("auto", "camvid", "folder", "ade20k", "voc")
+CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+                  "Bicyclist"]
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor"]
+ADE_NUM_CLASSES = 150
+
+
+@dataclass(frozen=True)
+class SegmentationSample:
+    stem: str
+    image: Path
+    label: Path
+
+
+@dataclass
+class SegmentationSplit:
+    """Image/label pairs of one split, with the label convention of its layout."""
+
+    samples: list[SegmentationSample]
+    num_classes: int
+    ignore_index: int
+    class_names: list[str]
+    layout: str
+    missing: list[Path] = field(default_factory=list)
+    """images that have no label map"""
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_labels(self, sample: SegmentationSample, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Label map ``(H, W)`` int64 in this split's convention; resized (nearest, with a warning)
+        when ``size = (W, H)`` differs."""
+        labels = read_label_map(sample.label, size)
+        if self.layout == "ade20k":
+            labels = np.where(labels == 0, self.ignore_index, labels - 1)
+        return labels
+
+    @classmethod
+    def open(cls, path: str | Path, *, layout: str = "auto", ignore_index: int | None = None,
+             num_classes: int | None = None, what: str = "--train") -> SegmentationSplit:
+        path = Path(path)
+        if layout not in LAYOUTS:
+            raise DataFolderError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        if layout == "auto":
+            layout = _detect_layout(path, what)
+        if layout == "voc":
+            samples, missing = _voc_samples(path, what)
+            names, ignore = VOC_CLASSES, 255
+        elif layout == "ade20k":
+            labels_dir = path.parent.parent / "annotations" / path.name
+            samples, missing = _pair_by_stem(path, labels_dir, what)
+            names, ignore = [str(c) for c in range(ADE_NUM_CLASSES)], 255
+        else:
+            samples, missing = _pair_by_stem(path / "images", path / "labels", what)
+            if layout == "camvid":
+                names, ignore = CAMVID_CLASSES, len(CAMVID_CLASSES)
+            else:
+                ignore = 255 if ignore_index is None else ignore_index
+                n = num_classes or _count_classes(samples, ignore)
+                names = [str(c) for c in range(n)]
+        ignore = ignore if ignore_index is None else ignore_index
+        names = names if num_classes is None else [str(c) for c in range(num_classes)]
+        return cls(samples, len(names), ignore, list(names), layout, missing)
+
+
+def read_label_map(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Class indices of a label PNG (grayscale or palette; never colour-converted)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("L", "P", "I", "I;16"):
+                raise ImageReadError(f"label map {path} has mode {img.mode}: expected class indices (L or P mode)")
+            label = img.copy()
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageReadError(f"cannot read label map {path}: {err}") from err
+    if size is not None and label.size != size:
+        warnings.warn(f"label map {path} is {label.size[0]}x{label.size[1]} but its image is {size[0]}x{size[1]}: "
+                      "resized with nearest neighbour", stacklevel=2)
+        label = label.resize(size, Image.Resampling.NEAREST)
+    return np.asarray(label).astype(np.int64)
+
+
+def _detect_layout(path: Path, what: str) -> str:
+    if path.is_file() and path.suffix == ".txt":
+        return "voc"
+    if (path / "images").is_dir() and (path / "labels").is_dir():
+        return "camvid" if any(p.name.lower() == "camvid" for p in [path, *path.parents]) else "folder"
+    if path.parent.name == "images" and (path.parent.parent / "annotations" / path.name).is_dir():
+        return "ade20k"
+    raise DataFolderError(
+        f"{what}: {path} is not a segmentation split (expected images/ + labels/, ADE20K images/<split> with "
+        "annotations/<split>, or a VOC ImageSets/Segmentation/<split>.txt)"
+    )
+
+
+def _pair_by_stem(images: Path, labels: Path, what: str):
+    image_files = list_images(images, what=what)
+    by_stem = {p.stem: p for p in list_images(labels, what=f"{what} labels")}
+    samples = [SegmentationSample(p.stem, p, by_stem[p.stem]) for p in image_files if p.stem in by_stem]
+    missing = [p for p in image_files if p.stem not in by_stem]
+    if not samples:
+        raise DataFolderError(f"{what}: no label map in {labels} has the stem of an image in {images}")
+    return samples, missing
+
+
+def _voc_samples(split_file: Path, what: str):
+    root = split_file.parent.parent.parent
+    stems = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    samples, missing = [], []
+    for stem in stems:
+        image, label = root / "JPEGImages" / f"{stem}.jpg", root / "SegmentationClass" / f"{stem}.png"
+        if label.is_file():
+            samples.append(SegmentationSample(stem, image, label))
+        else:
+            missing.append(image)
+    if not samples:
+        raise DataFolderError(f"{what}: none of the {len(stems)} ids in {split_file} has a label in {root}/SegmentationClass")
+    return samples, missing
+
+
+def _count_classes(samples: list[SegmentationSample], ignore: int) -> int:
+    top = 0
+    for s in samples:
+        values = np.unique(read_label_map(s.label))
+        values = values[values != ignore]
+        if len(values):
+            top = max(top, int(values.max()) + 1)
+    return max(top, 1)

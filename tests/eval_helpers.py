@@ -1,0 +1,89 @@
+"""Fixtures for the evaluation tests: a colour-driven Backbone for any image size, saliency and
+segmentation folders with the usual defects, and a SOAP head built from a given projector."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from soapvit.backbones.base import Backbone, RawOutput
+from soapvit.soap import BlockDecomposition, SoapHead
+
+
+class ColourBackbone(Backbone):
+    """Patch tokens = a fixed random map of the patch's mean colour (plus a weak position term):
+    objects of another colour than the background separate cleanly. Any grid size."""
+
+    def __init__(self, dim: int = 12, patch: int = 4, seed: int = 0):
+        super().__init__("toy:colour", patch_size=patch, embed_dim=dim, num_blocks=2, num_heads=1,
+                         num_prefix_tokens=1, image_size=8 * patch)
+        g = torch.Generator().manual_seed(seed)
+        self.colour = nn.Parameter(torch.randn(3, dim, generator=g))
+        self.key = nn.Parameter(torch.randn(dim, dim, generator=g) / dim**0.5)
+        self.pos = nn.Parameter(torch.randn(2, dim, generator=g) * 0.05)
+
+    def _run(self, pixels, blocks, norm, keys, attentions):
+        b, _, h, w = pixels.shape
+        p = self.patch_size
+        mean = nn.functional.avg_pool2d(pixels, p).flatten(2).transpose(1, 2)  # (B, N, 3)
+        gy, gx = torch.meshgrid(torch.linspace(-1, 1, h // p), torch.linspace(-1, 1, w // p), indexing="ij")
+        pos = torch.stack([gy, gx], -1).reshape(-1, 2) @ self.pos
+        x = torch.tanh(mean @ self.colour) + pos
+        x = torch.cat([x.mean(1, keepdim=True), x], 1)
+        hidden = {blk: x for blk in blocks}
+        return RawOutput(hidden=hidden, keys=x @ self.key if keys else None)
+
+
+def make_head(projector: torch.Tensor, apply_layer: int = 1) -> SoapHead:
+    """A head whose projector is ``I − V diag(w) Vᵀ`` with V = I: ``w = 1 − diag(projector)``
+    (only diagonal projectors are expressible this way, enough for tests)."""
+    d = projector.shape[0]
+    eye = torch.eye(d, dtype=torch.float64)
+    weights = (1 - torch.diagonal(projector)).double()
+    def zeros(*shape):
+        return torch.zeros(*shape, d, dtype=torch.float64)
+
+    dec = BlockDecomposition(mean=zeros(), eigenvalues=zeros(), eigenvectors=eye, si=zeros(), weights=weights,
+                             p_real=zeros(1, 1), q_synthetic=zeros(1, 1), position_share=zeros())
+    return SoapHead({apply_layer: dec}, apply_layer, {"backbone": "toy:colour"})
+
+
+def scene(rng, h, w):
+    """An RGB image with a coloured rectangle on a differently coloured background, and its mask."""
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:] = rng.integers(0, 100, 3)
+    y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    y1, x1 = y0 + rng.integers(h // 4, h // 2), x0 + rng.integers(w // 4, w // 2)
+    image[y0:y1, x0:x1] = rng.integers(150, 256, 3)
+    image = np.clip(image.astype(int) + rng.integers(-10, 10, image.shape), 0, 255).astype(np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[y0:y1, x0:x1] = 255
+    return image, mask
+
+
+def saliency_folder(root: Path, n: int = 7, seed: int = 0) -> Path:
+    """``root/images`` + ``root/masks`` (ECSSD layout) with: a grayscale image, a CMYK JPEG, a
+    mask of another size, an image without a mask, a corrupt image."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        h, w = int(rng.integers(30, 50)), int(rng.integers(30, 60))
+        image, mask = scene(rng, h, w)
+        img = Image.fromarray(image)
+        if i == 1:
+            img = img.convert("L")
+        if i == 2:
+            img.convert("CMYK").save(root / "images" / f"{i:04d}.jpg", quality=95)
+        else:
+            img.save(root / "images" / f"{i:04d}.png")
+        m = Image.fromarray(mask)
+        if i == 3:
+            m = m.resize((w * 2, h * 2), Image.Resampling.NEAREST)
+        m.save(root / "masks" / f"{i:04d}.png")
+    Image.fromarray(scene(rng, 40, 40)[0]).save(root / "images" / "nomask.png")
+    (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "masks" / "broken.png")
+    return root
