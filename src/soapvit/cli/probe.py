@@ -1,0 +1,148 @@
+"""``soapvit probe`` (CLS / mean / AbMILP probes, linear or kNN, optionally on SOAP-corrected
+tokens) and ``soapvit attention`` (CLS-attention entropy per block, figure comparing models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import SoapvitError
+from . import app, console, report
+from .soap_commands import RichProgress
+
+DATA_HELP = ("DIR or DIR:SPLIT — tar shards DIR/SPLIT-*.tar[.gz] (e.g. ../shared/data/tiny-imagenet), or an "
+             "ImageFolder with one sub-folder per class (in DIR/SPLIT if it exists).")
+DEFAULT_CACHE = Path.home() / ".cache" / "soapvit" / "probe"
+
+
+def parse_pools(value: str) -> list[str]:
+    from ..aggregate import POOLS
+
+    pools = [p.strip() for p in value.split(",") if p.strip()]
+    bad = [p for p in pools if p not in POOLS]
+    if bad or not pools:
+        raise SoapvitError(f"--pool must be a comma list of {', '.join(POOLS)}, not {value!r}")
+    return pools
+
+
+@app.command("probe")
+def probe_command(
+    model: Annotated[str, typer.Option(help="Backbone id: hf:<repo|dir>, timm:<name>, zoo:<name>.")],
+    train: Annotated[str, typer.Option(help=f"Training data (default split 'train'): {DATA_HELP}")],
+    val: Annotated[str, typer.Option(help="Validation data (default split 'val'), same forms as --train.")],
+    pool: Annotated[str, typer.Option(help="Comma list of pools: cls, mean, abmilp.")] = "cls,mean,abmilp",
+    method: Annotated[str, typer.Option(help="linear (trained BN+linear head) or knn (cls/mean only).")] = "linear",
+    head: Annotated[Path | None, typer.Option(help="SOAP head file: also probe the SOAP-corrected tokens.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Square input size (default: the model's).")] = None,
+    per_class: Annotated[int | None, typer.Option(help="Use the first N training images of each class.")] = None,
+    val_per_class: Annotated[int | None, typer.Option(help="Use the first N validation images of each class.")] = None,
+    views: Annotated[int, typer.Option(help="Cached views per training image: 1 = plain, k = plain + k−1 "
+                                            "augmented (random resized crop + flip).")] = 1,
+    optimizer: Annotated[str, typer.Option(help="lars (MAE recipe) or adamw.")] = "lars",
+    epochs: Annotated[int, typer.Option(help="Training epochs over the cache.")] = 90,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up epochs.")] = 10,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate; default 6.4 for LARS (MAE: 0.1 × 16384/256), "
+                                                  "1e-3 for AdamW.")] = None,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.0,
+    probe_batch_size: Annotated[int, typer.Option(help="Probe training batch size.")] = 256,
+    abmilp_depth: Annotated[int, typer.Option(help="AbMILP scorer: number of linear layers.")] = 1,
+    abmilp_activation: Annotated[str, typer.Option(help="AbMILP scorer activation: relu, tanh, gelu.")] = "relu",
+    abmilp_self_attention: Annotated[str, typer.Option(help="none, map (scores only) or both.")] = "none",
+    abmilp_conditioning: Annotated[str, typer.Option(help="none or pe (2-D sin-cos position).")] = "none",
+    knn_k: Annotated[int, typer.Option(help="Neighbours for --method knn.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    cache_dir: Annotated[Path, typer.Option(help="Feature cache folder.")] = DEFAULT_CACHE,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: auto).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of views and probe training.")] = 0,
+) -> None:
+    """Probe a frozen backbone: CLS vs mean vs AbMILP pooling, top-1/top-5 on --val."""
+    from ..aggregate import AbMILPOptions, ProbeConfig, load_labelled, run_probe
+    from ..backbones import load
+    from ..features import resolve_device
+
+    pools = parse_pools(pool)
+    config = ProbeConfig(optimizer=optimizer, epochs=epochs, batch_size=probe_batch_size, lr=lr,
+                         warmup_epochs=warmup_epochs, weight_decay=weight_decay, seed=seed)
+    abmilp = AbMILPOptions(abmilp_depth, abmilp_activation, abmilp_self_attention, abmilp_conditioning)
+    if views < 1:
+        raise SoapvitError("--views must be at least 1")
+    soap_head = None
+    if head is not None:
+        from ..soap import SoapHead
+
+        soap_head = SoapHead.load(head)
+    train_data = load_labelled(train, "train", per_class=per_class, what="--train")
+    val_data = load_labelled(val, "val", per_class=val_per_class, what="--val")
+    dev = resolve_device(device)
+    backbone = load(model, device=str(dev))
+    console.print(f"{model}: {len(train_data)} train / {len(val_data)} val images, {train_data.num_classes} classes")
+    with RichProgress() as progress:
+        run = run_probe(backbone, train_data, val_data, pools=pools, method=method, soap_head=soap_head,
+                        image_size=image_size, views=views, config=config, abmilp=abmilp, knn_k=knn_k,
+                        cache_dir=None if no_cache else cache_dir, batch_size=batch_size, progress=progress)
+    console.print(f"encoding {run.encode_seconds:.1f} s ({run.cache_parts_reused}/{run.cache_parts} cache parts "
+                  f"reused), total {run.seconds:.1f} s")
+    table = Table(title=f"{method} probes — {model} at {run.image_size} px")
+    for col in ("pool", "tokens", "top-1 %", "top-5 %", "weight entropy", "patches for 90%"):
+        table.add_column(col, justify="right")
+    for r in run.results:
+        table.add_row(r.pool, r.tokens, f"{100 * r.top1:.2f}", f"{100 * r.top5:.2f}",
+                      "-" if r.weight_entropy is None else f"{r.weight_entropy:.2f}",
+                      "-" if r.weight_count90 is None else f"{r.weight_count90:.1f} / {run.num_patches}")
+    report.print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(run.to_dict() | {"head": str(head) if head else None}, indent=1))
+
+
+@app.command("attention")
+def attention_command(
+    model: Annotated[list[str], typer.Option(help="Backbone id; repeat to compare models.")],
+    images: Annotated[str, typer.Option(help=f"Images (default split 'val'): {DATA_HELP} A flat folder works too.")],
+    out: Annotated[Path, typer.Option(help="Output folder: attention.json and attention.png.")],
+    limit: Annotated[int | None, typer.Option(help="Use at most N images.")] = 500,
+    image_size: Annotated[int | None, typer.Option(help="Square input size (default: each model's).")] = None,
+    probe_results: Annotated[list[Path] | None, typer.Option(
+        help="JSON from soapvit probe --out: adds the AbMILP weight statistics to the figure.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: auto).")] = None,
+) -> None:
+    """Entropy of the CLS token's attention over patches, and the patches holding 90% of it, per block."""
+    from ..aggregate import attention_profile, load_labelled, plot_profiles
+    from ..backbones import load
+    from ..features import resolve_device
+
+    data = load_labelled(images, "val", limit=limit, what="--images")
+    abmilp = {}
+    for path in probe_results or []:
+        if not path.is_file():
+            raise SoapvitError(f"--probe-results: {path} does not exist")
+        run = json.loads(path.read_text())
+        for r in run["results"]:
+            if r["pool"] == "abmilp" and r["tokens"] == "original":
+                abmilp[run["model_id"]] = {"entropy": r["weight_entropy"], "count90": r["weight_count90"]}
+    dev = resolve_device(device)
+    profiles = []
+    with RichProgress() as progress:
+        for model_id in model:
+            backbone = load(model_id, device=str(dev))
+            profiles.append(attention_profile(backbone, data, image_size=image_size or backbone.image_size,
+                                              batch_size=batch_size, progress=progress))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attention.json").write_text(json.dumps({"profiles": [p.to_dict() for p in profiles], "abmilp": abmilp},
+                                                   indent=1))
+    plot_profiles(profiles, out / "attention.png", abmilp)
+    for p in profiles:
+        table = Table(title=f"CLS attention over {p.num_patches} patches — {p.model_id} ({p.images} images)")
+        for col in ("block", "entropy (nats)", "/ log N", "patches for 90%", "CLS→patch mass"):
+            table.add_column(col, justify="right")
+        for b, (e, c, m) in enumerate(zip(p.entropy, p.count90, p.patch_mass)):
+            table.add_row(str(b), f"{e:.3f}", f"{e / p.max_entropy:.3f}", f"{c:.1f}", f"{m:.3f}")
+        report.print(table)
+    console.print(f"wrote {out / 'attention.json'} and {out / 'attention.png'}")
