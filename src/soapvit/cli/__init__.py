@@ -37,3 +37,4 @@ def main(args: list[str] | None = None) -> None:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
 from . import evaluate  # noqa: E402,F401  (registers eval tokencut, eval knnseg)
+from . import probe  # noqa: E402,F401  (registers probe, attention)
