@@ -54,14 +54,20 @@ def test_eigenvector_matches_scipy_generalised_eigh(method):
         assert abs(vectors[i] @ d @ vectors[i] - 1) < 1e-4  # scipy's normalisation xᵀDx = 1
 
 
-def spectral_gap(features: np.ndarray, tau: float) -> float:
-    """λ3 − λ2 of (D − A) x = λ D x: the second eigenvector is only defined when this is > 0."""
+def well_posed(features: np.ndarray, tau: float) -> bool:
+    """True when TokenCut's answer is unique: a simple second eigenvalue of (D − A) x = λ D x,
+    no tie for the seed argmax |x| and no entry at the mean. Tiny symmetric grids violate this,
+    and then every solver legitimately picks its own answer."""
     f = features.reshape(-1, features.shape[-1])
     f = f / np.linalg.norm(f, axis=1, keepdims=True)
     a = np.where(f @ f.T > tau, 1.0, 1e-5)
     d = np.diag(a.sum(1))
-    values = eigh(d - a, d, eigvals_only=True, subset_by_index=[1, 2])
-    return float(values[1] - values[0])
+    values, vectors = eigh(d - a, d, subset_by_index=[1, 2])
+    x = vectors[:, 0]
+    top = np.sort(np.abs(x))[-2:]
+    scale = np.abs(x).max()
+    return bool(values[1] - values[0] > 1e-3 * max(values[1], 1e-12) and top[1] - top[0] > 1e-6 * scale
+                and np.abs(x - x.mean()).min() > 1e-9 * scale)
 
 
 @settings(max_examples=15, deadline=None)
@@ -71,12 +77,12 @@ def test_batched_masks_equal_scipy_reference(seed, h, w, noise):
     for method in ("lanczos", "eigh"):
         masks = tokencut_masks(feats, tau=0.2, method=method).masks.numpy()
         for i, f in enumerate(feats):
-            if spectral_gap(f.numpy(), 0.2) > 1e-3:  # degenerate: every solver picks its own vector
+            if well_posed(f.numpy(), 0.2):
                 np.testing.assert_array_equal(masks[i], tokencut_mask_scipy(f.numpy(), 0.2), err_msg=method)
 
 
 def test_batched_masks_equal_scipy_on_realistic_grid():
-    feats = blob_features(7, 6, 21, 29, d=64, noise=1.5)
+    feats = blob_features(7, 3, 21, 29, d=64, noise=1.5)
     out = tokencut_masks(feats, tau=0.2)
     for i, f in enumerate(feats):
         ref = tokencut_mask_scipy(f.numpy(), 0.2)

@@ -179,16 +179,14 @@ def tokencut_masks(features: Tensor, tau: float, eps: float = 1e-5, *, method: s
     return bipartition(vectors, (h, w))
 
 
-def tokencut_mask_scipy(features: np.ndarray, tau: float, eps: float = 1e-5) -> np.ndarray:
-    """Per-image reference: ``scipy.linalg.eigh(D − A, D)`` and ``scipy.ndimage.label``, as the
-    TokenCut code. ``features (h, w, D)`` → bool mask ``(h, w)``."""
+def tokencut_mask_scipy(features: np.ndarray | Tensor, tau: float, eps: float = 1e-5) -> np.ndarray:
+    """Per-image reference on the same affinities (:func:`affinity`): ``scipy.linalg.eigh(D − A, D)``
+    and ``scipy.ndimage.label``, as the TokenCut code. ``features (h, w, D)`` → bool mask ``(h, w)``."""
     from scipy import ndimage
     from scipy.linalg import eigh
 
     h, w, d = features.shape
-    f = features.reshape(h * w, d).astype(np.float32)
-    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-    a = np.where(f @ f.T > tau, 1.0, eps)
+    a = affinity(torch.as_tensor(features).reshape(1, h * w, d), tau, eps)[0].double().numpy()
     degree = np.diag(a.sum(axis=1))
     _, vectors = eigh(degree - a, degree, subset_by_index=[1, 2])
     x = vectors[:, 0]
