@@ -22,6 +22,7 @@ from .registry import register_source
 
 SUPPORTED = ("vit", "deit", "vit_mae", "dinov2", "dinov2_with_registers", "dinov3_vit", "ijepa", "beit", "data2vec-vision")
 NO_CLS = ("ijepa",)
+EAGER_ONLY = ("data2vec-vision",)  # cannot switch attention implementation after loading
 KEY_MODULE = re.compile(r"(^|\.)(key|k_proj)$")
 
 
@@ -139,6 +140,8 @@ def load_hf(source: str, *, model_id: str | None = None, **overrides) -> HFBackb
     try:
         config = AutoConfig.from_pretrained(source)
         extra = {"mask_ratio": 0.0} if config.model_type == "vit_mae" else {}
+        if config.model_type in EAGER_ONLY:
+            extra["attn_implementation"] = "eager"
         model = AutoModel.from_pretrained(source, **extra)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
