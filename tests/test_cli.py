@@ -55,3 +55,34 @@ def test_inspect_json_reports_every_block_in_eigenvalue_order(tmp_path, capsys):
         assert layer["si"] == pytest.approx(d.si.tolist()) and layer["weights"] == pytest.approx(d.weights.tolist())
     code, out, err = run(["inspect", str(path)], capsys)
     assert code in (0, None) and "block 2" in out
+
+
+def test_fit_inspect_plot_end_to_end_on_a_tiny_hf_model(tmp_path, capsys):
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny-dinov2"
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                             patch_size=8)).save_pretrained(model_dir)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(5):
+        Image.effect_noise((40, 30), 30 + 10 * i).convert("RGB").save(images / f"{i}.jpg")
+    (images / "broken.png").write_bytes(b"nope")
+    head = tmp_path / "head.safetensors"
+    code, _, err = run(["fit", "--model", f"hf:{model_dir}", "--images", str(images), "--synthetic", "4",
+                        "--layers", "all", "--image-size", "32", "--batch-size", "2", "--device", "cpu",
+                        "--out", str(head)], capsys)
+    assert code in (0, None), err
+    assert "skipped 1 unreadable image" in err and "broken.png" in err
+    code, out, _ = run(["inspect", str(head), "--json"], capsys)
+    data = json.loads(out)
+    assert data["backbone"] == f"hf:{model_dir}" and sorted(data["layers"]) == ["0", "1"]
+    assert all(len(layer["si"]) == 32 for layer in data["layers"].values())
+    code, _, err = run(["plot", str(head), str(head), "--out", str(tmp_path / "figs"), "--images", str(images),
+                        "--count", "2"], capsys)
+    assert code in (0, None), err
+    written = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert written == ["max_si_per_block.png", "max_si_per_block_compare.png", "response_maps.png",
+                       "si_sorted.png", "si_sorted_compare.png", "token_maps.png"]
