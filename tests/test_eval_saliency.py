@@ -130,3 +130,12 @@ def test_cli_missing_masks_folder_is_one_line(tmp_path, capsys):
         main(["eval", "tokencut", "--model", "toy:colour", "--images", str(tmp_path / "imgs")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--masks" in err and "Traceback" not in err
+
+
+def test_resize_modes_follow_tokencut_and_fixed_size():
+    backbone = ColourBackbone(patch=14)
+    aspect = TokenCutSettings().transform(backbone)
+    assert aspect.resample == "lanczos"
+    assert aspect.output_size(400, 300) == (406, 294)  # round(400/14)=29, round(300/14)=21 patches
+    assert TokenCutSettings(resize="square", image_size=224).transform(backbone).output_size(400, 300) == (224, 224)
+    assert TokenCutSettings(features="keys").tau == 0.2 and TokenCutSettings().tau == 0.3
