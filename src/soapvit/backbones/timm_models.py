@@ -35,9 +35,6 @@ class TimmBackbone(Backbone):
                          image_size=size, image_mean=cfg.get("mean", (0.485, 0.456, 0.406)),
                          image_std=cfg.get("std", (0.229, 0.224, 0.225)))
         self.model = model
-        if hasattr(model, "set_input_size") or hasattr(model.patch_embed, "dynamic_img_size"):
-            model.patch_embed.strict_img_size = False
-            model.dynamic_img_size = True
 
     def _run(self, pixels: Tensor, blocks, norm: bool, keys: bool, attentions) -> RawOutput:
         captured: dict[int, Tensor] = {}
@@ -73,7 +70,10 @@ class TimmBackbone(Backbone):
 def load_timm(name: str) -> Backbone:
     timm = _import_timm()
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=0)
+        try:  # dynamic_img_size: position embeddings resampled for any input size
+            model = timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True)
+        except TypeError:  # a model without that option: fixed input size
+            model = timm.create_model(name, pretrained=True, num_classes=0)
     except (RuntimeError, OSError, ValueError) as err:
         raise SoapvitError(f"cannot load timm:{name}: {str(err).splitlines()[0] if str(err) else err!r}") from err
     if not hasattr(model, "blocks"):
