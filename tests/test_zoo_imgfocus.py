@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from soapvit.backbones import load
-from soapvit.backbones import imgfocus
+from soapvit.backbones import imgfocus, zoo
 from soapvit.errors import SoapvitError
 
 GRAPH_OUTPUTS = {
@@ -86,3 +86,19 @@ def test_corrupt_wheel_is_rejected(tmp_path):
 def test_unknown_zoo_name_lists_available():
     with pytest.raises(SoapvitError, match="dinov2-s14-imgfocus"):
         load("zoo:no-such-model")
+
+
+def test_shipped_native_checkpoints_are_zoo_models(tmp_path, monkeypatch):
+    from soapvit.backbones.vit import ViTConfig, VisionTransformerBackbone
+
+    torch.manual_seed(0)
+    VisionTransformerBackbone(ViTConfig(image_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2)).save(
+        tmp_path / "tiny-mim.safetensors")
+    monkeypatch.setattr(zoo, "ZOO_ASSETS", tmp_path)
+    assert zoo.available() == ["dinov2-s14-imgfocus", "tiny-mim"]
+    backbone = load("zoo:tiny-mim")
+    direct = VisionTransformerBackbone.from_checkpoint(tmp_path / "tiny-mim.safetensors")
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(backbone(pixels), direct(pixels))
+    assert backbone.model_id == "zoo:tiny-mim" and not backbone.training

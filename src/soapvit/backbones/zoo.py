@@ -32,11 +32,13 @@ def checkpoints() -> dict[str, Path]:
 
 
 def available() -> list[str]:
+    """Every name ``zoo:<name>`` accepts."""
     return sorted({*BUILTIN, *checkpoints()})
 
 
 @register_source("zoo")
 def load_zoo(name: str) -> Backbone:
+    """A built-in model or a shipped native-ViT checkpoint; unknown names list the known ones."""
     if name in BUILTIN:
         return BUILTIN[name]()
     path = checkpoints().get(name)
@@ -44,6 +46,4 @@ def load_zoo(name: str) -> Backbone:
         raise SoapvitError(f"unknown zoo model {name!r}; available: {', '.join(available())}")
     from .vit import VisionTransformerBackbone
 
-    backbone = VisionTransformerBackbone.from_checkpoint(path)
-    backbone.model_id = f"zoo:{name}"
-    return backbone
+    return VisionTransformerBackbone.from_checkpoint(path, model_id=f"zoo:{name}")
