@@ -28,8 +28,8 @@ def _config(family: str):
         "dinov2_with_registers": lambda: t.Dinov2WithRegistersConfig(**COMMON, mlp_ratio=2, num_register_tokens=4),
         "dinov3_vit": lambda: t.DINOv3ViTConfig(**COMMON, **mlp, num_register_tokens=4),
         "ijepa": lambda: t.IJepaConfig(**COMMON, **mlp),
-        "beit": lambda: t.BeitConfig(**COMMON, **mlp),
-        "data2vec-vision": lambda: t.Data2VecVisionConfig(**COMMON, **mlp),
+        "beit": lambda: t.BeitConfig(**COMMON, **mlp, use_mean_pooling=False),  # a final token norm
+        "data2vec-vision": lambda: t.Data2VecVisionConfig(**COMMON, **mlp),  # mean pooling: no token norm
     }[family]()
 
 

@@ -149,9 +149,10 @@ def preprocessing(source: str) -> dict:
     path = Path(source) / "preprocessor_config.json"
     if not Path(source).is_dir():
         try:
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-            path = Path(hf_hub_download(source, "preprocessor_config.json"))
+            cached = try_to_load_from_cache(source, "preprocessor_config.json")
+            path = Path(cached if isinstance(cached, str) else hf_hub_download(source, "preprocessor_config.json"))
         except Exception:  # no hub, no file: the caller keeps its defaults
             return {}
     if not path.is_file():
