@@ -1,0 +1,7 @@
+"""Pre-training of native ViTs: masked image modelling (SimMIM-style, MAE, SemanticMIM with
+pixel or HOG targets), supervised classification, DINO and iBOT; trainer with
+checkpoint/resume and export to zoo backbones."""
+
+from .trainer import OBJECTIVES, TrainConfig, TrainResult, build_objective, export_backbone, train
+
+__all__ = ["OBJECTIVES", "TrainConfig", "TrainResult", "build_objective", "export_backbone", "train"]

@@ -1,0 +1,254 @@
+"""Training loop with checkpoint/resume, and export of the trained encoder as a zoo backbone.
+
+A run is reproducible from its checkpoint alone: the data order of epoch ``e`` is a
+permutation seeded by ``(seed, e)`` and every step's augmentation/masking generator is seeded
+by ``(seed, step)``, so resuming gives exactly the steps an uninterrupted run would take.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..backbones.vit import ViTConfig, VisionTransformerBackbone
+from ..errors import SoapvitError
+from ..features import autocast
+from .mim import MAE, SemanticMIM, SimMIM
+from .objective import Objective
+from .selfdistill import DINO
+from .supervised import Supervised
+
+OBJECTIVES = ("mae", "maskfeat", "semanticmim", "supervised", "dino", "ibot")
+MIM_OBJECTIVES = ("mae", "maskfeat", "semanticmim")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (stored in its checkpoints)."""
+
+    objective: str
+    epochs: float = 1.0
+    batch_size: int = 128
+    lr: float | None = None
+    """peak learning rate; ``None`` = objective default (1e-3, self-distillation 5e-4)."""
+    min_lr: float = 1e-5
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.05
+    clip_grad: float = 3.0
+    seed: int = 0
+    vit: dict[str, Any] = field(default_factory=dict)
+    """:class:`ViTConfig` overrides; SemanticMIM defaults to 8 prefix (proxy) tokens."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """keyword overrides for the objective (e.g. ``mask_ratio``)."""
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise SoapvitError(f"--objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        if self.epochs <= 0 or self.batch_size < 1:
+            raise SoapvitError("--epochs and --batch-size must be positive")
+
+    def vit_config(self) -> ViTConfig:
+        defaults = {"num_prefix_tokens": 8} if self.objective == "semanticmim" else {}
+        return ViTConfig(**{**defaults, **self.vit})
+
+    def peak_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 5e-4 if self.objective in ("dino", "ibot") else 1e-3
+
+
+def build_objective(config: TrainConfig, num_classes: int) -> Objective:
+    vit, opts, name = config.vit_config(), dict(config.options), config.objective
+    if name == "mae":
+        return MAE(vit, **{"target": "pixels", "masking": "random", "mask_ratio": 0.75, **opts})
+    if name == "maskfeat":
+        return SimMIM(vit, **{"target": "hog", "masking": "block", "mask_ratio": 0.4, **opts})
+    if name == "semanticmim":
+        return SemanticMIM(vit, **{"target": "hog", "masking": "random", "mask_ratio": 0.6, **opts})
+    if name == "supervised":
+        return Supervised(vit, num_classes=num_classes, **opts)
+    return DINO(vit, **{"patch_loss": name == "ibot", **opts})
+
+
+def learning_rate(step: int, total: int, config: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to ``min_lr``."""
+    warmup = max(1, int(config.warmup_fraction * total))
+    peak = config.peak_lr()
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return config.min_lr + (peak - config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@dataclass
+class TrainState:
+    """Where a run stands (also what the log callback receives)."""
+
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    elapsed_s: float
+    images_per_s: float
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    step: int
+    total_steps: int
+    elapsed_s: float
+    final_loss: float
+    """mean loss of the last 20 steps."""
+    history: list[float]
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _batch_indices(step: int, batch: int, n: int, seed: int) -> Tensor:
+    per_epoch = n // batch
+    epoch, within = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return order[within * batch : (within + 1) * batch]
+
+
+def _save(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SoapvitError(f"--resume: checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise SoapvitError(f"--resume: {path} is not a soapvit training checkpoint ({err})") from err
+    if not isinstance(payload, dict) or "train_config" not in payload:
+        raise SoapvitError(f"--resume: {path} is not a soapvit training checkpoint")
+    return payload
+
+
+def train(
+    config: TrainConfig,
+    images: Tensor,
+    labels: Tensor,
+    out: str | Path,
+    *,
+    resume: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    max_seconds: float | None = None,
+    max_steps: int | None = None,
+    checkpoint_every_s: float = 180.0,
+    log: Callable[[TrainState], None] | None = None,
+) -> TrainResult:
+    """Train (or continue) ``config`` on uint8 ``images`` (N, 3, H, W) with ``labels``.
+
+    Checkpoints go to ``out`` every ``checkpoint_every_s`` seconds and at the end; the run stops
+    after ``max_seconds`` / ``max_steps`` (this call) or when its schedule is done."""
+    device = torch.device(device)
+    out = Path(out)
+    state = load_checkpoint(resume) if resume is not None else None
+    if state is not None:
+        config = TrainConfig(**state["train_config"])
+    num_classes = int(labels.max()) + 1
+    if images.shape[0] < config.batch_size:
+        raise SoapvitError(f"--data: {images.shape[0]} images are fewer than one batch of {config.batch_size}")
+    model = build_objective(config, state["num_classes"] if state else num_classes).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    betas = (0.9, 0.95) if config.objective in MIM_OBJECTIVES else (0.9, 0.999)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.peak_lr(), betas=betas,
+    )
+    step, elapsed, history = 0, 0.0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed, history = state["step"], state["elapsed_s"], list(state["history"])
+    n = images.shape[0]
+    total = max(1, math.ceil(config.epochs * n / config.batch_size))
+
+    def payload() -> dict:
+        return {
+            "train_config": asdict(config), "num_classes": state["num_classes"] if state else num_classes,
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "elapsed_s": elapsed, "history": history, "total_steps": total,
+        }
+
+    model.train()
+    start = last_save = time.monotonic()
+    base_elapsed, steps_this_call = elapsed, 0
+    while step < total:
+        t0 = time.monotonic()
+        idx = _batch_indices(step, config.batch_size, n, config.seed)
+        batch, batch_labels = images[idx].to(device), labels[idx].to(device)
+        lr = learning_rate(step, total, config)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(device):
+            loss = model.loss(batch, batch_labels, _step_generator(config.seed, step))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{config.objective}: loss became {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
+        opt.step()
+        step += 1
+        steps_this_call += 1
+        model.after_step(step / total)
+        history.append(loss.item())
+        now = time.monotonic()
+        elapsed = base_elapsed + (now - start)
+        if log is not None:
+            log(TrainState(step, total, history[-1], lr, elapsed, config.batch_size / max(now - t0, 1e-9)))
+        if now - last_save >= checkpoint_every_s:
+            _save(out, payload())
+            last_save = now
+        if (max_seconds is not None and now - start >= max_seconds) or (max_steps is not None and steps_this_call >= max_steps):
+            break
+    _save(out, payload())
+    tail = history[-20:]
+    return TrainResult(out, step, total, elapsed, sum(tail) / max(1, len(tail)), history)
+
+
+def export_backbone(checkpoint: str | Path, path: str | Path, card: dict[str, Any] | None = None) -> Path:
+    """Write the trained encoder of a training checkpoint as an fp16 zoo safetensors file;
+    the card gets the objective and recipe."""
+    state = load_checkpoint(checkpoint)
+    config = TrainConfig(**state["train_config"])
+    model = build_objective(config, state["num_classes"])
+    model.load_state_dict(state["model"])
+    encoder = model.exported_encoder()
+    tail = state["history"][-20:]
+    full_card = {
+        "objective": config.objective,
+        "recipe": asdict(config),
+        "steps": state["step"],
+        "epochs_done": round(state["step"] / state["total_steps"] * config.epochs, 4),
+        "train_wall_s": round(state["elapsed_s"], 1),
+        "final_loss": round(sum(tail) / max(1, len(tail)), 5),
+        **(card or {}),
+    }
+    backbone = VisionTransformerBackbone(encoder.config, f"vit:{config.objective}", network=encoder)
+    return backbone.save(path, full_card)

@@ -1,0 +1,153 @@
+"""Trainer: a few steps of every objective on a tiny model lower the loss; checkpoint →
+resume reproduces the uninterrupted run; export → zoo-style backbone; the CLI; augmentations."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from soapvit.backbones.vit import VisionTransformerBackbone, read_card
+from soapvit.cli import main
+from soapvit.pretrain import OBJECTIVES, TrainConfig, export_backbone, train
+from soapvit.pretrain.augment import color_jitter, mix_labels, random_resized_crop
+
+TINY = {"image_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+OPTIONS = {"dino": {"out_dim": 64, "local_crops": 2, "local_size": 8},
+           "ibot": {"out_dim": 64, "local_crops": 2, "local_size": 8}}
+
+
+def toy_images(n=32, size=16, classes=4, seed=0):
+    """Class = colour and stripe orientation, plus noise: learnable structure for every objective."""
+    g = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    yy, xx = np.mgrid[:size, :size]
+    imgs = []
+    for c in labels:
+        stripes = np.sin((xx if c % 2 else yy) * (1 + c) * 0.8)
+        rgb = np.stack([stripes * (1 if k == c % 3 else 0.3) for k in range(3)])
+        imgs.append(np.clip(127 + 90 * rgb + g.normal(0, 12, rgb.shape), 0, 255))
+    return torch.tensor(np.stack(imgs), dtype=torch.uint8), torch.tensor(labels)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_few_steps_lower_the_loss(objective, tmp_path):
+    torch.manual_seed(0)
+    images, labels = toy_images()
+    config = TrainConfig(objective, epochs=8, batch_size=16, lr=3e-3, warmup_fraction=0.0, vit=TINY,
+                         options=OPTIONS.get(objective, {}))
+    result = train(config, images, labels, tmp_path / "c.pt")
+    h = result.history
+    assert result.finished and len(h) == 16
+    assert np.mean(h[-4:]) < np.mean(h[:4]), h
+
+
+@pytest.mark.parametrize("objective", ["semanticmim", "ibot", "supervised"])
+def test_resume_reproduces_the_next_steps(objective, tmp_path):
+    images, labels = toy_images()
+    config = TrainConfig(objective, epochs=2, batch_size=8, vit=TINY, options=OPTIONS.get(objective, {}))
+    torch.manual_seed(0)
+    full = train(config, images, labels, tmp_path / "full.pt", max_steps=5)
+    torch.manual_seed(0)
+    first = train(config, images, labels, tmp_path / "part.pt", max_steps=3)
+    torch.manual_seed(123)  # the global RNG must not matter after resume
+    second = train(config, images, labels, tmp_path / "part.pt", resume=tmp_path / "part.pt", max_steps=2)
+    assert first.step == 3 and second.step == 5 and second.total_steps == 8
+    np.testing.assert_allclose(second.history, full.history, rtol=1e-6, atol=1e-7)
+
+
+def test_export_writes_a_backbone_with_card(tmp_path):
+    images, labels = toy_images()
+    config = TrainConfig("semanticmim", epochs=0.5, batch_size=8, vit=TINY)
+    train(config, images, labels, tmp_path / "c.pt")
+    path = export_backbone(tmp_path / "c.pt", tmp_path / "m.safetensors", {"note": "test"})
+    backbone = VisionTransformerBackbone.from_checkpoint(path)
+    assert backbone.num_prefix_tokens == 8 and backbone.embed_dim == 32  # proxies kept, reconstruction dropped
+    card = read_card(path)
+    assert card["objective"] == "semanticmim" and card["steps"] == 2 and card["note"] == "test"
+    feats = backbone.forward_features(torch.randn(1, 3, 16, 16), "all", attentions=[1])
+    assert feats.tokens[1].shape == (1, 4, 4, 32) and feats.prefix[0].shape == (1, 8, 32)
+    assert not any(k.startswith("reconstruction") for k in backbone.vit.state_dict())
+
+
+def write_shards(folder, images, labels):
+    folder.mkdir()
+    with tarfile.open(folder / "train-000000.tar", "w") as tar:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            buf = io.BytesIO()
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+            for name, data in ((f"{i:04d}.png", buf.getvalue()), (f"{i:04d}.cls", str(int(lab)).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_cli_pretrain_resume_and_export(tmp_path, capsys):
+    images, labels = toy_images()
+    write_shards(tmp_path / "shards", images, labels)
+    common = ["pretrain", "--objective", "maskfeat", "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "c.pt"),
+              "--image-size", "16", "--patch-size", "4", "--embed-dim", "16", "--depth", "2", "--num-heads", "2",
+              "--batch-size", "8", "--epochs", "1"]
+    with _no_exit():
+        main(common + ["--max-steps", "2"])
+    out = capsys.readouterr().out
+    assert "step 2/4 paused" in out
+    with _no_exit():
+        main(common + ["--resume", str(tmp_path / "c.pt"), "--export", str(tmp_path / "m.safetensors")])
+    out = capsys.readouterr().out
+    assert "step 4/4 finished" in out and "m.safetensors" in out
+    assert VisionTransformerBackbone.from_checkpoint(tmp_path / "m.safetensors").num_blocks == 2
+    code, _, err = run_cli(["pretrain", "--objective", "simclr", "--data", str(tmp_path / "shards"),
+                            "--out", str(tmp_path / "x.pt")], capsys)
+    assert code == 2 and "--objective 'simclr'" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(common + ["--resume", str(tmp_path / "nope.pt")], capsys)
+    assert code == 2 and "nope.pt" in err
+
+
+class _no_exit:
+    """A successful command may return or exit with status 0."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        return kind is SystemExit and value.code in (0, None)
+
+
+def test_full_crop_without_flip_is_identity_and_flip_mirrors():
+    images = torch.rand(4, 3, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    same = random_resized_crop(images, 8, gen, scale=(1, 1), ratio=(1, 1), flip=False)
+    torch.testing.assert_close(same, images, atol=1e-5, rtol=0)
+    flipped = random_resized_crop(images, 8, gen, scale=(1, 1), ratio=(1, 1), flip=True)
+    for a, b in zip(flipped, images):
+        assert torch.allclose(a, b, atol=1e-5) or torch.allclose(a, b.flip(-1), atol=1e-5)
+
+
+def test_colour_jitter_neutral_settings_and_brightness():
+    images = torch.rand(3, 3, 5, 5) * 0.5
+    gen = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(color_jitter(images, gen, 0, 0, 0, 0, p=1.0), images, atol=1e-5, rtol=0)
+    bright = color_jitter(images, gen, 0.5, 0, 0, 0, p=1.0)
+    ratio = bright / images
+    assert torch.allclose(ratio, ratio[:, :1, :1, :1].expand_as(ratio), atol=1e-4)  # one factor per image
+
+
+def test_mix_labels_targets_match_the_mixed_area():
+    images = torch.zeros(4, 3, 8, 8)
+    images[2:] = 1.0
+    labels = torch.tensor([0, 1, 2, 3])
+    for seed in range(6):
+        mixed, targets = mix_labels(images, labels, 4, torch.Generator().manual_seed(seed), smoothing=0.0)
+        torch.testing.assert_close(targets.sum(1), torch.ones(4))
+        # image 0's partner is image 3 (ones): the share of ones equals the weight of label 3
+        torch.testing.assert_close(mixed[0].mean(), targets[0, 3], atol=1e-6, rtol=0)
