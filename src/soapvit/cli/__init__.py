@@ -38,3 +38,4 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2)
 from . import evaluate  # noqa: E402,F401  (registers eval tokencut, eval knnseg)
 from . import probe  # noqa: E402,F401  (registers probe, attention)
+from . import pretrain  # noqa: E402,F401  (registers pretrain)
