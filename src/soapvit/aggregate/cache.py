@@ -81,7 +81,7 @@ def cache_key(backbone: Backbone, data: LabelledImages, *, image_size: int, bloc
 
 def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, block: int = -1, norm: bool = True,
                   views: int = 1, seed: int = 0, batch_size: int = 64, cache_dir: str | Path | None = None,
-                  head_digest: str | None = None, part_size: int = 1024,
+                  head_digest: str | None = None, part_size: int = 1024, label: str = "encoding",
                   progress: Progress | None = None) -> TokenCache:
     """Tokens of ``block`` for every image of ``data`` (``views − 1`` augmented views each), read
     from ``cache_dir`` when present, else computed (and written there part by part).
@@ -113,13 +113,13 @@ def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, 
             t0 = time.perf_counter()
             parts.append(_encode_part(backbone, data.images[start:stop], start, image_size=image_size, block=block,
                                       norm=norm, views=views, seed=seed, batch_size=batch_size, device=device,
-                                      progress=progress, total=n))
+                                      progress=progress, total=n, label=label))
             encode_seconds += time.perf_counter() - t0
             if path is not None:
                 save_file(parts[-1], str(path.with_suffix(".tmp")))
                 path.with_suffix(".tmp").rename(path)
         if progress:
-            progress("encoding", stop, n)
+            progress(label, stop, n)
     prefix = torch.cat([p["prefix"] for p in parts])
     patches = torch.cat([p["patches"] for p in parts])
     side = image_size // backbone.patch_size
@@ -129,7 +129,7 @@ def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, 
 
 
 def _encode_part(backbone, images, offset, *, image_size, block, norm, views, seed, batch_size, device, progress,
-                 total) -> dict[str, Tensor]:
+                 total, label) -> dict[str, Tensor]:
     prefix, patches = [], []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start : start + batch_size]
@@ -142,5 +142,5 @@ def _encode_part(backbone, images, offset, *, image_size, block, norm, views, se
         prefix.append(feats.prefix[block].half().cpu())
         patches.append(feats.tokens[block].flatten(1, 2).half().cpu())
         if progress:
-            progress("encoding", offset + start + batch.shape[0], total)
+            progress(label, offset + start + batch.shape[0], total)
     return {"prefix": torch.cat(prefix).contiguous(), "patches": torch.cat(patches).contiguous()}

@@ -114,8 +114,9 @@ def run_probe(backbone: Backbone, train: LabelledImages, val: LabelledImages, *,
         raise SoapvitError(f"--image-size {size} is not a multiple of the patch size {backbone.patch_size}")
     block = backbone.num_blocks - 1
     common = dict(image_size=size, block=block, batch_size=batch_size, cache_dir=cache_dir, progress=progress)
-    caches = {"original": (encode_images(backbone, train, views=views, seed=config.seed, **common),
-                           encode_images(backbone, val, **common))}
+    caches = {"original": (encode_images(backbone, train, views=views, seed=config.seed, label="encoding train",
+                                         **common),
+                           encode_images(backbone, val, label="encoding val", **common))}
     if soap_head is not None:
         if soap_head.apply_layer == block:
             caches["soap"] = tuple(soap_corrected(c, soap_head) for c in caches["original"])
@@ -125,8 +126,8 @@ def run_probe(backbone: Backbone, train: LabelledImages, val: LabelledImages, *,
             corrected = attach(backbone, soap_head)
             digest = weights_digest(soap_head)
             caches["soap"] = (encode_images(corrected, train, views=views, seed=config.seed, head_digest=digest,
-                                            **common),
-                              encode_images(corrected, val, head_digest=digest, **common))
+                                            label="encoding train (SOAP)", **common),
+                              encode_images(corrected, val, head_digest=digest, label="encoding val (SOAP)", **common))
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
     dim = backbone.embed_dim
     results = []
