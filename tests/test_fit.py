@@ -60,7 +60,8 @@ def test_fit_matches_numpy_recomputation(image_folder, variant):
         values, vectors = np.linalg.eigh(np.cov(flat, rowvar=False))
         values, vectors = values[::-1], vectors[:, ::-1]
         d = head.blocks[block]
-        np.testing.assert_allclose(d.eigenvalues.numpy(), values, rtol=1e-8, atol=1e-12 * values[0])
+        # float32 tokens: the batch scatter is float32, so eigenvalues agree to float32 precision
+        np.testing.assert_allclose(d.eigenvalues.numpy(), values, rtol=1e-6, atol=1e-7 * values[0])
         # LayerNorm leaves one direction without variance: its response signs are rounding noise
         keep = values > 1e-9 * values[0]
         assert keep.sum() == len(values) - 1
@@ -81,7 +82,7 @@ def test_fit_matches_numpy_recomputation(image_folder, variant):
         if np.allclose(d.si.numpy(), si, rtol=1e-9):  # ranks are only comparable when all SI agree
             np.testing.assert_allclose(d.weights.numpy(), weights, rtol=1e-9, atol=1e-12)
         share = ((real.mean(0).reshape(-1, len(mean)) - mean) @ vectors) ** 2
-        np.testing.assert_allclose(d.position_share.numpy()[keep], np.clip(share.mean(0) / values, 0, 1)[keep], rtol=1e-7)
+        np.testing.assert_allclose(d.position_share.numpy()[keep], np.clip(share.mean(0) / values, 0, 1)[keep], rtol=1e-5)
         proj = np.eye(len(si)) - vectors @ np.diag(weights) @ vectors.T
         if block == 1:
             np.testing.assert_allclose(head.projector.double().numpy(), proj, atol=1e-6)

@@ -73,3 +73,14 @@ def test_response_counts_match_numpy():
     np.testing.assert_array_equal(counts.centred.numpy(), expected_centred)
     np.testing.assert_array_equal(counts.raw.numpy(), expected_raw)
     np.testing.assert_allclose(counts.probabilities("raw").numpy(), expected_raw / 7)
+
+
+def test_float32_rows_keep_float32_accuracy():
+    rng = np.random.default_rng(7)
+    data = (rng.normal(size=(3000, 8)) * 3 + 50).astype(np.float32)
+    moments = StreamingMoments(8)
+    for chunk in np.array_split(data, 7):
+        moments.update(torch.from_numpy(chunk))
+    expected = np.cov(data.astype(np.float64), rowvar=False)
+    assert moments.mean.dtype == torch.float64
+    assert _rel(moments.covariance().numpy(), expected) < 1e-5

@@ -106,8 +106,7 @@ def collect_statistics(
 
     # pass 2: responses of real (cached or re-encoded) and synthetic tokens
     real_tokens = iter(cache) if use_cache else (
-        {b: t for b, t in encode(backbone, pixels, blocks, norm=norm).tokens.items()}
-        for pixels, _ in real_batches(None)
+        encode(backbone, pixels, blocks, norm=norm).tokens for pixels, _ in real_batches(None)
     )
     for batch in real_tokens:
         for b in blocks:

@@ -24,14 +24,20 @@ class StreamingMoments:
         self.scatter = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     def update(self, rows: Tensor) -> StreamingMoments:
-        """Add ``rows`` ``(N, D)``: batch moments first, then a Chan merge."""
-        rows = rows.reshape(-1, self.dim).to(self.mean.device, torch.float64)
+        """Add ``rows`` ``(N, D)``: batch moments first, then a Chan merge in float64.
+
+        The batch's centred scatter is computed in the rows' own floating dtype (float32 model
+        tokens stay float32, which halves the cost on CPU); float64 rows stay exact.
+        """
+        rows = rows.reshape(-1, self.dim).to(self.mean.device)
+        if not rows.is_floating_point() or rows.dtype in (torch.float16, torch.bfloat16):
+            rows = rows.float()
         n = rows.shape[0]
         if n == 0:
             return self
-        batch_mean = rows.mean(dim=0)
-        centred = rows - batch_mean
-        self._merge(n, batch_mean, centred.T @ centred)
+        batch_mean = rows.mean(dim=0, dtype=torch.float64)
+        centred = rows - batch_mean.to(rows.dtype)
+        self._merge(n, batch_mean, (centred.T @ centred).double())
         return self
 
     def merge(self, other: StreamingMoments) -> StreamingMoments:
