@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--pools", default="cls,mean,abmilp")
     parser.add_argument("--epochs", type=int, default=90)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train = load_labelled(args.data, "train", per_class=args.per_class)
