@@ -99,8 +99,9 @@ def collect_statistics(
         raise SoapvitError(f"--images: need at least 2 readable images, got {n_real}")
 
     pcs = {b: principal_components(moments[b]) for b in blocks}
-    components = {b: pcs[b][1] for b in blocks}
-    means = {b: moments[b].mean for b in blocks}
+    # responses are sign tests on float32 tokens: float32 projections suffice and cost half
+    components = {b: pcs[b][1].float() for b in blocks}
+    means = {b: moments[b].mean.float() for b in blocks}
     real = {b: ResponseCounts.zeros(grid, dim, device) for b in blocks}
     fake = {b: ResponseCounts.zeros(grid, dim, device) for b in blocks}
 
