@@ -86,3 +86,16 @@ def test_fit_inspect_plot_end_to_end_on_a_tiny_hf_model(tmp_path, capsys):
     written = sorted(p.name for p in (tmp_path / "figs").iterdir())
     assert written == ["max_si_per_block.png", "max_si_per_block_compare.png", "response_maps.png",
                        "si_sorted.png", "si_sorted_compare.png", "token_maps.png"]
+
+
+def test_list_images_recursive_for_class_folders(tmp_path):
+    from soapvit.data.images import list_images
+
+    for cls in ("n01", "n02"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            Image.new("RGB", (4, 4)).save(tmp_path / cls / f"{i}.JPEG")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)] == [
+        "n01/0.JPEG", "n01/1.JPEG", "n02/0.JPEG", "n02/1.JPEG"]
+    assert [p.name for p in list_images(tmp_path, 3, recursive=True)] == ["0.JPEG", "1.JPEG", "0.JPEG"]

@@ -152,14 +152,14 @@ def fit(
     num_workers: int | None = None,
     progress: Progress | None = None,
 ) -> tuple[SoapHead, FitReport]:
-    """Fit a SOAP head for ``backbone`` on a folder (or list) of natural images.
+    """Fit a SOAP head for ``backbone`` on a folder (searched recursively) or list of natural images.
 
     ``synthetic`` defaults to the number of real images; ``blocks`` are fitted (``"all"``,
     ``"last"`` or indices) and the projector is built for ``apply_layer`` (default the last).
     """
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     backbone = backbone.to(device).eval()
-    files = list_images(images, limit) if isinstance(images, (str, Path)) else list(images)[:limit]
+    files = list_images(images, limit, recursive=True) if isinstance(images, (str, Path)) else list(images)[:limit]
     block_ids = backbone.resolve_blocks(blocks)
     apply_id = backbone.resolve_blocks(apply_layer)[0]
     if apply_id not in block_ids:

@@ -66,7 +66,7 @@ def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, 
     from ..fitting import fit
     from ..soap import SoapConfig
 
-    files = list_images(images, limit)  # check the folder before loading a model
+    files = list_images(images, limit, recursive=True)  # check the folder before loading a model
     config = SoapConfig(variant=variant, weighting=weighting, mu=parse_mu(mu), tau=tau,
                         remove=[int(c) for c in remove.split(",") if c.strip()])
     dev = resolve_device(device)
@@ -83,7 +83,7 @@ def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, 
 @app.command("fit")
 def fit_command(
     model: Annotated[str, typer.Option(help="Backbone id: hf:<repo|dir>, timm:<name>, zoo:<name>.")],
-    images: Annotated[Path, typer.Option(help="Folder of natural images.")],
+    images: Annotated[Path, typer.Option(help="Folder of natural images (subfolders included).")],
     out: Annotated[Path, typer.Option(help="Head file to write (.safetensors).")],
     limit: Annotated[int | None, typer.Option(help="Use at most N images.")] = None,
     synthetic: Annotated[int | None, typer.Option(help="Synthetic images (default: as many as real).")] = None,

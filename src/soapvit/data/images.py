@@ -38,8 +38,10 @@ class DataFolderError(SoapvitError):
     """A folder argument that is missing, not a folder, or holds no images."""
 
 
-def list_images(folder: str | Path, limit: int | None = None, *, what: str = "--images") -> list[Path]:
-    """Sorted image files directly inside ``folder`` (by extension), at most ``limit``.
+def list_images(folder: str | Path, limit: int | None = None, *, what: str = "--images",
+                recursive: bool = False) -> list[Path]:
+    """Sorted image files inside ``folder`` (by extension; with ``recursive`` also in its
+    subfolders, e.g. ImageNet's class folders), at most ``limit``.
 
     Raises :class:`DataFolderError` naming ``what`` if the folder is missing or has no images.
     """
@@ -48,7 +50,8 @@ def list_images(folder: str | Path, limit: int | None = None, *, what: str = "--
         raise DataFolderError(f"{what}: folder {folder} does not exist")
     if not folder.is_dir():
         raise DataFolderError(f"{what}: {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DataFolderError(f"{what}: folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files[:limit] if limit else files
