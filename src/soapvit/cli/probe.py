@@ -119,7 +119,8 @@ def attention_command(
     images: Annotated[str, typer.Option(help=f"Images (default split 'val'): {DATA_HELP} A flat folder works too.")],
     out: Annotated[Path, typer.Option(help="Output folder: attention.json and attention.png.")],
     limit: Annotated[int | None, typer.Option(help="Use at most N images.")] = 500,
-    image_size: Annotated[int | None, typer.Option(help="Square input size (default: each model's).")] = None,
+    image_size: Annotated[list[int] | None, typer.Option(
+        help="Square input size: once for every model or once per --model, in order (default: each model's).")] = None,
     probe_results: Annotated[list[Path] | None, typer.Option(
         help="JSON from soapvit probe --out: adds the AbMILP weight statistics to the figure.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
@@ -132,6 +133,10 @@ def attention_command(
     from ..features import resolve_device
 
     set_threads(threads)
+    sizes = list(image_size or [])
+    if len(sizes) not in (0, 1, len(model)):
+        raise SoapvitError(f"--image-size: give one size or one per --model ({len(model)}), not {len(sizes)}")
+    sizes = sizes * len(model) if len(sizes) == 1 else sizes or [None] * len(model)
     data = load_labelled(images, "val", limit=limit, what="--images")
     abmilp = {}
     for path in probe_results or []:
@@ -144,9 +149,9 @@ def attention_command(
     dev = resolve_device(device)
     profiles = []
     with RichProgress() as progress:
-        for model_id in model:
+        for model_id, size in zip(model, sizes):
             backbone = load(model_id, device=str(dev))
-            profiles.append(attention_profile(backbone, data, image_size=image_size or backbone.image_size,
+            profiles.append(attention_profile(backbone, data, image_size=size or backbone.image_size,
                                               batch_size=batch_size, progress=progress))
     out.mkdir(parents=True, exist_ok=True)
     (out / "attention.json").write_text(json.dumps({"profiles": [p.to_dict() for p in profiles], "abmilp": abmilp},
