@@ -2,6 +2,7 @@
 resume reproduces the uninterrupted run; export → zoo-style backbone; the CLI; augmentations."""
 
 import io
+import math
 import tarfile
 
 import numpy as np
@@ -17,6 +18,15 @@ from soapvit.pretrain.augment import color_jitter, mix_labels, random_resized_cr
 TINY = {"image_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 OPTIONS = {"dino": {"out_dim": 64, "local_crops": 2, "local_size": 8},
            "ibot": {"out_dim": 64, "local_crops": 2, "local_size": 8}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Single-threaded: on the shared 2-core machine two OpenMP threads spin-wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def toy_images(n=32, size=16, classes=4, seed=0):
@@ -151,3 +161,21 @@ def test_mix_labels_targets_match_the_mixed_area():
         torch.testing.assert_close(targets.sum(1), torch.ones(4))
         # image 0's partner is image 3 (ones): the share of ones equals the weight of label 3
         torch.testing.assert_close(mixed[0].mean(), targets[0, 3], atol=1e-6, rtol=0)
+
+
+def test_learning_rate_warmup_and_cosine_end_points():
+    from soapvit.pretrain.trainer import learning_rate
+
+    config = TrainConfig("mae", lr=1e-3, min_lr=1e-5, warmup_fraction=0.1)
+    assert learning_rate(0.0, config) == 0.0
+    assert math.isclose(learning_rate(0.05, config), 5e-4)
+    assert math.isclose(learning_rate(0.1, config), 1e-3)
+    assert math.isclose(learning_rate(0.55, config), (1e-3 + 1e-5) / 2)
+    assert math.isclose(learning_rate(1.0, config), 1e-5)
+
+
+def test_cpu_budget_ends_the_run(tmp_path):
+    images, labels = toy_images()
+    config = TrainConfig("maskfeat", epochs=1000, batch_size=8, vit=TINY, cpu_budget_s=0.5)
+    result = train(config, images, labels, tmp_path / "c.pt")
+    assert result.finished and result.cpu_s >= 0.5 and 0 < result.step < result.total_steps

@@ -48,6 +48,10 @@ class TrainConfig:
     """:class:`ViTConfig` overrides; SemanticMIM defaults to 8 prefix (proxy) tokens."""
     options: dict[str, Any] = field(default_factory=dict)
     """keyword overrides for the objective (e.g. ``mask_ratio``)."""
+    cpu_budget_s: float | None = None
+    """when set, the schedule runs on the CPU time this process consumes (equal compute per
+    run on a shared machine): learning-rate and EMA progress = CPU seconds / budget, the run ends
+    at the budget (``epochs`` is then only a cap). Resumes of such runs are not bit-identical."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -78,13 +82,13 @@ def build_objective(config: TrainConfig, num_classes: int) -> Objective:
     return DINO(vit, **{"patch_loss": name == "ibot", **opts})
 
 
-def learning_rate(step: int, total: int, config: TrainConfig) -> float:
-    """Linear warm-up then cosine decay to ``min_lr``."""
-    warmup = max(1, int(config.warmup_fraction * total))
-    peak = config.peak_lr()
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
+def learning_rate(progress: float, config: TrainConfig) -> float:
+    """Linear warm-up over the first ``warmup_fraction`` of the run, then cosine decay to
+    ``min_lr``; ``progress`` ∈ [0, 1] is the fraction of the run done after this step."""
+    peak, warmup = config.peak_lr(), config.warmup_fraction
+    if progress < warmup:
+        return peak * progress / warmup
+    t = (progress - warmup) / max(1e-9, 1 - warmup)
     return config.min_lr + (peak - config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
@@ -109,10 +113,9 @@ class TrainResult:
     final_loss: float
     """mean loss of the last 20 steps."""
     history: list[float]
-
-    @property
-    def finished(self) -> bool:
-        return self.step >= self.total_steps
+    finished: bool
+    """the schedule is complete (steps or CPU budget)."""
+    cpu_s: float = 0.0
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -180,29 +183,39 @@ def train(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.peak_lr(), betas=betas,
     )
-    step, elapsed, history = 0, 0.0, []
+    step, elapsed, cpu, history = 0, 0.0, 0.0, []
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed, history = state["step"], state["elapsed_s"], list(state["history"])
+        cpu = state.get("cpu_s", 0.0)
     n = images.shape[0]
     total = max(1, math.ceil(config.epochs * n / config.batch_size))
 
     def payload() -> dict:
         return {
             "train_config": asdict(config), "num_classes": state["num_classes"] if state else num_classes,
+            "num_images": n,
             "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-            "elapsed_s": elapsed, "history": history, "total_steps": total,
+            "elapsed_s": elapsed, "cpu_s": cpu, "history": history, "total_steps": total,
         }
 
     model.train()
     start = last_save = time.monotonic()
-    base_elapsed, steps_this_call = elapsed, 0
-    while step < total:
+    base_elapsed, base_cpu, cpu_start, steps_this_call = elapsed, cpu, time.process_time(), 0
+    budget = config.cpu_budget_s
+
+    def progress(next_step: int) -> float:
+        return min(1.0, cpu / budget) if budget else next_step / total
+
+    def done() -> bool:
+        return step >= total or (budget is not None and cpu >= budget)
+
+    while not done():
         t0 = time.monotonic()
         idx = _batch_indices(step, config.batch_size, n, config.seed)
         batch, batch_labels = images[idx].to(device), labels[idx].to(device)
-        lr = learning_rate(step, total, config)
+        lr = learning_rate(progress(step + 1), config)
         for group in opt.param_groups:
             group["lr"] = lr
         with autocast(device):
@@ -216,10 +229,10 @@ def train(
         opt.step()
         step += 1
         steps_this_call += 1
-        model.after_step(step / total)
         history.append(loss.item())
         now = time.monotonic()
-        elapsed = base_elapsed + (now - start)
+        elapsed, cpu = base_elapsed + (now - start), base_cpu + (time.process_time() - cpu_start)
+        model.after_step(progress(step))
         if log is not None:
             log(TrainState(step, total, history[-1], lr, elapsed, config.batch_size / max(now - t0, 1e-9)))
         if now - last_save >= checkpoint_every_s:
@@ -229,7 +242,7 @@ def train(
             break
     _save(out, payload())
     tail = history[-20:]
-    return TrainResult(out, step, total, elapsed, sum(tail) / max(1, len(tail)), history)
+    return TrainResult(out, step, total, elapsed, sum(tail) / max(1, len(tail)), history, done(), cpu)
 
 
 def export_backbone(checkpoint: str | Path, path: str | Path, card: dict[str, Any] | None = None) -> Path:
@@ -245,8 +258,10 @@ def export_backbone(checkpoint: str | Path, path: str | Path, card: dict[str, An
         "objective": config.objective,
         "recipe": asdict(config),
         "steps": state["step"],
-        "epochs_done": round(state["step"] / state["total_steps"] * config.epochs, 4),
+        "epochs_done": round(state["step"] * config.batch_size / state["num_images"], 4),
         "train_wall_s": round(state["elapsed_s"], 1),
+        "train_cpu_s": round(state.get("cpu_s", 0.0), 1),
+        "images_seen": state["step"] * config.batch_size,
         "final_loss": round(sum(tail) / max(1, len(tail)), 5),
         **(card or {}),
     }

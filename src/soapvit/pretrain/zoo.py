@@ -1,8 +1,9 @@
 """Train the model zoo back to back in one process and export it (``python -m
-soapvit.pretrain.zoo``): same ViT, same data, same wall-clock budget per objective.
+soapvit.pretrain.zoo``): same ViT, same data, same CPU-time budget per objective.
 
-Per objective: measure images/s for a few steps, set the epochs so the schedule fits the
-budget, train with periodic checkpoints (a restarted job resumes them), export the encoder as
+Per objective: train with the schedule on CPU time (``TrainConfig.cpu_budget_s``: equal compute
+on a machine shared with other jobs, whatever their load), checkpoints every two minutes (a
+restarted job resumes them), a wall-clock cap; then export the encoder as
 ``<out>/<name>.safetensors`` with a model card. ``--probe`` adds kNN probe accuracies (CLS and
 mean of patch tokens, soapvit.aggregate) to the cards.
 """
@@ -23,31 +24,15 @@ from .trainer import OBJECTIVES, TrainConfig, build_objective, export_backbone, 
 
 ZOO_VIT = {"image_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 6, "num_heads": 4}
 ZOO_OPTIONS = {"dino": {"local_crops": 2}, "ibot": {"local_crops": 2}}
-MACHINE = f"{platform.machine()} CPU, {torch.get_num_threads()} threads (2 cores shared with 4 other jobs), no GPU"
+MACHINE = f"{platform.machine()} CPU, 1 thread (2 cores shared with 4 other jobs), no GPU"
 
 
 def _say(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def calibrated_epochs(config: TrainConfig, images, labels, seconds: float, probe_steps: int = 4) -> float:
-    """Epochs that fit ``seconds`` at the images/s measured over ``probe_steps`` steps."""
-    model = build_objective(config, int(labels.max()) + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = images[: config.batch_size]
-    times = []
-    for step in range(probe_steps + 1):
-        t0 = time.monotonic()
-        loss = model.loss(batch, labels[: config.batch_size], torch.Generator().manual_seed(step))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.monotonic() - t0)
-    rate = config.batch_size / (sum(times[1:]) / probe_steps)
-    return round(max(0.02, rate * seconds / images.shape[0]), 3), rate
-
-
-def train_zoo(data: Path, out: Path, work: Path, names: list[str], minutes: float, batch_size: int) -> None:
+def train_zoo(data: Path, out: Path, work: Path, names: list[str], cpu_minutes: float, wall_cap_minutes: float,
+              batch_size: int) -> None:
     images, labels = load_labelled_shards(data, "train")
     _say(f"loaded {images.shape[0]} training images from {data}")
     for name in names:
@@ -57,39 +42,53 @@ def train_zoo(data: Path, out: Path, work: Path, names: list[str], minutes: floa
             continue
         ckpt = work / f"{name}.pt"
         resume = ckpt if ckpt.exists() else None
-        config = TrainConfig(name, batch_size=batch_size, vit=dict(ZOO_VIT), options=ZOO_OPTIONS.get(name, {}))
-        if resume is None:
-            config.epochs, rate = calibrated_epochs(config, images, labels, minutes * 60)
-            _say(f"{name}: {rate:.1f} images/s → {config.epochs} epochs for {minutes} min")
+        config = TrainConfig(name, epochs=5.0, batch_size=batch_size, vit=dict(ZOO_VIT),
+                             options=ZOO_OPTIONS.get(name, {}), cpu_budget_s=cpu_minutes * 60)
 
         def log(s, name=name):
             if s.step % 10 == 0 or s.step == s.total_steps:
-                _say(f"{name} step {s.step}/{s.total_steps} loss {s.loss:.4f} lr {s.lr:.2e} {s.images_per_s:.1f} img/s")
+                _say(f"{name} step {s.step} loss {s.loss:.4f} lr {s.lr:.2e} {s.images_per_s:.1f} img/s")
 
-        result = train(config, images, labels, ckpt, resume=resume, max_seconds=minutes * 60 * 1.6,
+        result = train(config, images, labels, ckpt, resume=resume, max_seconds=wall_cap_minutes * 60,
                        checkpoint_every_s=120, log=log)
-        _say(f"{name}: step {result.step}/{result.total_steps} in {result.elapsed_s:.0f} s, final loss {result.final_loss:.4f}")
+        _say(f"{name}: {result.step} steps, {result.cpu_s:.0f} CPU-s, {result.elapsed_s:.0f} s wall, "
+             f"final loss {result.final_loss:.4f}, schedule {'complete' if result.finished else 'CUT by the wall cap'}")
         card = {"machine": MACHINE, "data": f"{data} train ({images.shape[0]} images, 64 px)",
                 "date": time.strftime("%Y-%m-%d"), "finished_schedule": result.finished}
         export_backbone(ckpt, target, card)
         _say(f"{name}: exported {target} ({target.stat().st_size / 1e6:.2f} MB)")
 
 
-def probe_zoo(data: Path, out: Path, names: list[str], per_class: int) -> None:
-    from ..aggregate import load_labelled, run_probe
+def probe_zoo(data: Path, out: Path, names: list[str], per_class: int, linear_epochs: int, cache: Path) -> None:
+    """kNN and linear probes (CLS, mean of patch tokens) of every zoo model and of a randomly
+    initialised ViT of the same architecture (the floor any pre-training must clear)."""
+    from ..aggregate import ProbeConfig, load_labelled, run_probe
+    from ..backbones.vit import ViTConfig
 
     train_set = load_labelled(data, "train", per_class=per_class)
     val_set = load_labelled(data, "val", what="--val")
-    for name in names:
+    linear = ProbeConfig(epochs=linear_epochs, warmup_epochs=max(1, linear_epochs // 9))
+    for name in names + ["random-init"]:
         path = out / f"{name}.safetensors"
-        backbone = VisionTransformerBackbone.from_checkpoint(path, f"zoo:{name}")
-        run = run_probe(backbone, train_set, val_set, pools=("cls", "mean"), method="knn", batch_size=128)
-        scores = {f"knn_{r.pool}_top1": round(r.top1, 4) for r in run.results}
-        card = read_card(path) | {"probe": {"method": "kNN k=20 T=0.07 (soapvit.aggregate)", **scores,
-                                            "train": f"{len(train_set)} train images ({per_class}/class)",
-                                            "val": f"{len(val_set)} val images", "seconds": round(run.seconds, 1)}}
-        backbone.save(path, card)
-        path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+        if name == "random-init":
+            torch.manual_seed(0)
+            backbone = VisionTransformerBackbone(ViTConfig(**ZOO_VIT), "vit:random-init")
+        else:
+            backbone = VisionTransformerBackbone.from_checkpoint(path, f"zoo:{name}")
+        scores = {}
+        for method, extra in (("knn", {}), ("linear", {"config": linear})):
+            run = run_probe(backbone, train_set, val_set, pools=("cls", "mean"), method=method, batch_size=128,
+                            cache_dir=cache, **extra)
+            scores |= {f"{method}_{r.pool}_top1": round(r.top1, 4) for r in run.results}
+        probe = {"knn": "k=20, T=0.07", "linear": f"LARS, {linear_epochs} epochs, batch 256 (soapvit.aggregate)",
+                 **scores, "train": f"{len(train_set)} train images ({per_class}/class)",
+                 "val": f"{len(val_set)} val images (all)"}
+        if name == "random-init":
+            (cache / "random-init.json").write_text(json.dumps(probe, indent=2) + "\n")
+        else:
+            card = read_card(path) | {"probe": probe}
+            backbone.save(path, card)
+            path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
         _say(f"{name}: {scores}")
 
 
@@ -99,17 +98,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / "zoo")
     parser.add_argument("--work", type=Path, default=Path("zoo-checkpoints"))
     parser.add_argument("--names", default=",".join(OBJECTIVES))
-    parser.add_argument("--minutes", type=float, default=9.0)
+    parser.add_argument("--cpu-minutes", type=float, default=6.0, help="CPU-time budget per model")
+    parser.add_argument("--wall-cap-minutes", type=float, default=14.0, help="stop a model after this wall time")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--probe", action="store_true", help="probe the exported models instead of training")
-    parser.add_argument("--per-class", type=int, default=50, help="training images per class for the kNN bank")
+    parser.add_argument("--per-class", type=int, default=50, help="training images per class for the probes")
+    parser.add_argument("--linear-epochs", type=int, default=30)
+    parser.add_argument("--cache", type=Path, default=Path("zoo-checkpoints/probe-cache"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # one thread: on the shared 2-core machine two OpenMP threads spin-wait on each other and
+    # ran a training step 10x slower (measured: 5.8 s vs 0.54 s)
+    torch.set_num_threads(1)
     names = [n for n in args.names.split(",") if n]
     if args.probe:
-        probe_zoo(args.data, args.out, names, args.per_class)
+        probe_zoo(args.data, args.out, names, args.per_class, args.linear_epochs, args.cache)
     else:
-        train_zoo(args.data, args.out, args.work, names, args.minutes, args.batch_size)
+        train_zoo(args.data, args.out, args.work, names, args.cpu_minutes, args.wall_cap_minutes, args.batch_size)
 
 
 if __name__ == "__main__":
