@@ -2,7 +2,7 @@
 FLOPs (the paper's Appendix C formula and FLOPs counted on the real implementation), inference
 FLOPs, and training step time on this machine.
 
-    python benchmarks/pretrain_flops.py [--steps 5] [--batch-size 64]
+    python benchmarks/pretrain_flops.py [--steps 5] [--batch-size 64] [--threads 1]
 
 Settings as in the paper: baseline = mask tokens inside the encoder, 1 CLS, 40% masking;
 SemanticMIM = 8 proxies, 60% masking, MaskFeat (HOG) target for both.
@@ -81,8 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spin-waits on a shared CPU)")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
 
     vanilla, printed, complete = paper_costs(768, 78, 8, 118, vanilla_tokens=197)
     print(f"paper formula, ViT-B/16 224 (D=768, L0=78, L1=8, L2=118; vanilla 196 patches + CLS), per block: "

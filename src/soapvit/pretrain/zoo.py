@@ -92,6 +92,70 @@ def probe_zoo(data: Path, out: Path, names: list[str], per_class: int, linear_ep
         _say(f"{name}: {scores}")
 
 
+def analyse_zoo(data: Path, images: Path, out: Path, names: list[str], work: Path, figures: Path,
+                attention_images: int = 500) -> dict:
+    """SOAP fit of every block (natural images resized to the zoo resolution, as many synthetic
+    ones) and mean attention distance per block and head on Tiny-ImageNet val images; writes
+    ``figures/zoo_*.png`` and returns (and stores in ``work/analysis.json``) the numbers."""
+    from ..aggregate.datasets import to_pixels
+    from ..fitting import fit
+    from ..plots import plot_max_si_per_block, plot_si_curves
+    from .analysis import mean_attention_distance, query_attention
+    from .trainer import MIM_OBJECTIVES
+
+    val, _ = load_labelled_shards(data, "val", limit=attention_images)
+    heads, results = {}, {}
+    for name in names:
+        backbone = VisionTransformerBackbone.from_checkpoint(out / f"{name}.safetensors", f"zoo:{name}")
+        head, _ = fit(backbone, images, image_size=backbone.image_size, blocks="all", batch_size=64, num_workers=0)
+        head.save(work / f"soap-{name}.safetensors")
+        heads[name] = head
+        pixels = to_pixels(val, backbone.image_size, backbone.image_mean, backbone.image_std)
+        distance = mean_attention_distance(backbone, pixels)
+        last = head.blocks[max(head.blocks)]
+        results[name] = {
+            "max_si_per_block": [round(float(head.blocks[b].si.max()), 4) for b in sorted(head.blocks)],
+            "last_block_si_ge_075": int((last.si >= 0.75).sum()),
+            "last_block_top_si": [round(float(v), 3) for v in last.si.sort(descending=True).values[:3]],
+            "attention_distance_px": distance.round(decimals=2).tolist(),
+            "query_map_last_block": query_attention(backbone, pixels, -1, (3, 3)).mean(0).round(decimals=4).tolist(),
+        }
+        _say(f"{name}: max SI per block {results[name]['max_si_per_block']}, mean attention distance per block "
+             f"{distance.mean(1).round(decimals=1).tolist()}")
+    figures.mkdir(parents=True, exist_ok=True)
+    dashed = [n for n in names if n not in MIM_OBJECTIVES]
+    plot_max_si_per_block(heads, figures / "zoo_max_si_per_block.png", dashed=dashed)
+    plot_si_curves(heads, figures / "zoo_si_curves.png", dashed=dashed)
+    _plot_attention(results, figures, dashed)
+    (work / "analysis.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _plot_attention(results: dict, figures: Path, dashed: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, *maps) = plt.subplots(1, 1 + len(results), figsize=(4 + 2 * len(results), 3.2),
+                                    gridspec_kw={"width_ratios": [3] + [1] * len(results)})
+    for name, r in results.items():
+        dist = torch.tensor(r["attention_distance_px"])
+        x = torch.arange(dist.shape[0])
+        line = ax.plot(x, dist.mean(1), "--" if name in dashed else "-", label=name)[0]
+        ax.scatter(x.repeat_interleave(dist.shape[1]), dist.flatten(), s=8, color=line.get_color(), alpha=0.5)
+    ax.set(xlabel="block", ylabel="mean attention distance (px)", title="attention distance per head")
+    ax.legend(fontsize=7)
+    for axis, (name, r) in zip(maps, results.items()):
+        axis.imshow(r["query_map_last_block"], cmap="viridis")
+        axis.add_patch(plt.Rectangle((2.5, 2.5), 1, 1, fill=False, color="red"))
+        axis.set_title(f"{name}\nlast block, query (3,3)", fontsize=7)
+        axis.axis("off")
+    fig.tight_layout()
+    fig.savefig(figures / "zoo_attention.png", dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, required=True)
@@ -102,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wall-cap-minutes", type=float, default=14.0, help="stop a model after this wall time")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--probe", action="store_true", help="probe the exported models instead of training")
+    parser.add_argument("--analyse", action="store_true", help="SOAP fit + attention distance of the exported models")
+    parser.add_argument("--images", type=Path, default=Path("../shared/data/imagenet-sample"))
+    parser.add_argument("--figures", type=Path, default=Path("docs/zoo"))
     parser.add_argument("--per-class", type=int, default=50, help="training images per class for the probes")
     parser.add_argument("--linear-epochs", type=int, default=30)
     parser.add_argument("--cache", type=Path, default=Path("zoo-checkpoints/probe-cache"))
@@ -110,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     # ran a training step 10x slower (measured: 5.8 s vs 0.54 s)
     torch.set_num_threads(1)
     names = [n for n in args.names.split(",") if n]
-    if args.probe:
+    if args.analyse:
+        analyse_zoo(args.data, args.images, args.out, names, args.work, args.figures)
+    elif args.probe:
         probe_zoo(args.data, args.out, names, args.per_class, args.linear_epochs, args.cache)
     else:
         train_zoo(args.data, args.out, args.work, names, args.cpu_minutes, args.wall_cap_minutes, args.batch_size)
