@@ -62,7 +62,9 @@ def test_lars_cls_probe_reaches_95_percent_on_separable_toy_set():
     train, val = mil_cache(800, seed=2, cls_signal=1.0), mil_cache(400, seed=3, cls_signal=1.0)
     torch.manual_seed(0)
     clf = ProbeClassifier(make_pool("cls", 8), 8, 4)
-    score = train_probe(clf, train, val, ProbeConfig(epochs=30, batch_size=64, warmup_epochs=3))
+    threads = torch.get_num_threads()
+    score = train_probe(clf, train, val, ProbeConfig(epochs=30, batch_size=64, warmup_epochs=3, threads=1))
+    assert torch.get_num_threads() == threads  # the single-thread training setting is restored
     assert score.top1 >= 0.95 and score.top5 == 1.0
     assert score.history[-1] < score.history[0]
 
