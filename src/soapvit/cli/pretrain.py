@@ -32,6 +32,7 @@ def pretrain(
     max_steps: Annotated[int | None, typer.Option(help="stop this call after N steps (resume later)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: CUDA if available)")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads (1 avoids OpenMP spin-waits on a shared CPU)")] = 1,
 ) -> None:
     """Pre-train (or resume) a ViT; checkpoints every few minutes and at the end."""
     import torch
@@ -46,7 +47,7 @@ def pretrain(
     dev = resolve_device(device)
     images, labels = load_labelled_shards(data, split, limit=limit)
     if dev.type == "cpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+        torch.set_num_threads(max(1, threads))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:

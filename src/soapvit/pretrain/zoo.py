@@ -20,7 +20,7 @@ import torch
 
 from ..backbones.vit import VisionTransformerBackbone, read_card
 from ..data.shards import load_labelled_shards
-from .trainer import OBJECTIVES, TrainConfig, build_objective, export_backbone, train
+from .trainer import OBJECTIVES, TrainConfig, export_backbone, train
 
 ZOO_VIT = {"image_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 6, "num_heads": 4}
 ZOO_OPTIONS = {"dino": {"local_crops": 2}, "ibot": {"local_crops": 2}}
