@@ -67,6 +67,22 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageReadError(f"cannot read image {path}: {err}") from err
 
 
+def read_annotation(path: str | Path, size: tuple[int, int] | None = None, *, kind: str = "mask") -> Image.Image:
+    """Decode an annotation (saliency mask, label map) as stored, without colour conversion; if
+    ``size = (W, H)`` differs, resize with nearest neighbour and warn naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            annotation = img.copy()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise ImageReadError(f"cannot read {kind} {path}: {err}") from err
+    if size is not None and annotation.size != size:
+        warnings.warn(f"{kind} {path} is {annotation.size[0]}x{annotation.size[1]} but its image is "
+                      f"{size[0]}x{size[1]}: resized with nearest neighbour", stacklevel=3)
+        annotation = annotation.resize(size, Image.Resampling.NEAREST)
+    return annotation
+
+
 def round_to_multiple(value: float, multiple: int) -> int:
     """Nearest positive multiple of ``multiple``."""
     return max(multiple, int(round(value / multiple)) * multiple)

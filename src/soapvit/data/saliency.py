@@ -9,14 +9,12 @@ named in a warning.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .images import DataFolderError, ImageReadError, list_images
+from .images import DataFolderError, list_images, read_annotation
 
 MASK_FOLDER_NAMES = ("masks", "gt", "GT", "ground_truth", "DUTS-TE-Mask", "pixelwiseGT-new-PNG", "mask")
 
@@ -70,14 +68,7 @@ class SaliencyDataset:
 def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """Read a mask as bool ``(H, W)`` (any non-zero pixel is foreground); if ``size = (W, H)``
     differs, resize with nearest neighbour and warn naming the file."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mask = img.convert("L") if img.mode not in ("1", "L", "I", "I;16", "F") else img.copy()
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ImageReadError(f"cannot read mask {path}: {err}") from err
-    if size is not None and mask.size != size:
-        warnings.warn(f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}: "
-                      "resized with nearest neighbour", stacklevel=2)
-        mask = mask.resize(size, Image.Resampling.NEAREST)
+    mask = read_annotation(path, size, kind="mask")
+    if mask.mode not in ("1", "L", "I", "I;16", "F"):
+        mask = mask.convert("L")
     return np.asarray(mask) != 0

@@ -13,14 +13,12 @@ Layouts (``layout="auto"`` picks by the path):
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .images import DataFolderError, ImageReadError, list_images
+from .images import DataFolderError, ImageReadError, list_images, read_annotation
 
 LAYOUTS = ("auto", "camvid", "folder", "ade20k", "voc")
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
@@ -91,18 +89,9 @@ class SegmentationSplit:
 
 def read_label_map(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """Class indices of a label PNG (grayscale or palette; never colour-converted)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode not in ("L", "P", "I", "I;16"):
-                raise ImageReadError(f"label map {path} has mode {img.mode}: expected class indices (L or P mode)")
-            label = img.copy()
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ImageReadError(f"cannot read label map {path}: {err}") from err
-    if size is not None and label.size != size:
-        warnings.warn(f"label map {path} is {label.size[0]}x{label.size[1]} but its image is {size[0]}x{size[1]}: "
-                      "resized with nearest neighbour", stacklevel=2)
-        label = label.resize(size, Image.Resampling.NEAREST)
+    label = read_annotation(path, size, kind="label map")
+    if label.mode not in ("L", "P", "I", "I;16"):
+        raise ImageReadError(f"label map {path} has mode {label.mode}: expected class indices (L or P mode)")
     return np.asarray(label).astype(np.int64)
 
 
