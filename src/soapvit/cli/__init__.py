@@ -24,7 +24,8 @@ app.add_typer(eval_app, name="eval")
 console = Console(stderr=True)  # progress, warnings, errors
 report = Console()  # results
 
-from . import soap_commands  # noqa: E402,F401  (registers fit, inspect, plot, demo)
+# each command module registers its commands on import, in the order `--help` lists them
+from . import soap_commands, evaluate, probe, pretrain  # noqa: E402,F401,I001
 
 
 def main(args: list[str] | None = None) -> None:
@@ -36,6 +37,3 @@ def main(args: list[str] | None = None) -> None:
     except (SoapvitError, FileNotFoundError, NotADirectoryError) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
-from . import evaluate  # noqa: E402,F401  (registers eval tokencut, eval knnseg)
-from . import probe  # noqa: E402,F401  (registers probe, attention)
-from . import pretrain  # noqa: E402,F401  (registers pretrain)
