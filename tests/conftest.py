@@ -1,5 +1,20 @@
-"""Shared test settings: this machine (and CI) has 2 cores shared by several jobs."""
+"""Shared test settings and fixtures: this machine (and CI) has 2 cores shared by several jobs."""
 
+import pytest
 import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture()
+def run_cli(capsys):
+    """Run the ``soapvit`` CLI in-process: ``run_cli(args) -> (exit code, stdout, stderr)``."""
+    from soapvit.cli import main
+
+    def run(args):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    return run

@@ -18,7 +18,6 @@ from soapvit.aggregate.probe import soap_corrected
 from soapvit.aggregate.train import train_probe
 from soapvit.backbones.registry import register_source
 from soapvit.backbones.vit import ViTConfig, VisionTransformerBackbone
-from soapvit.cli import main
 from soapvit.errors import SoapvitError
 from soapvit.features import encode
 from soapvit.fitting import fit
@@ -191,31 +190,23 @@ def _toy_loader(name):
     return ToyBackbone()
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
-
-
-def test_cli_probe_and_attention(tmp_path, capsys):
+def test_cli_probe_and_attention(tmp_path, run_cli):
     write_shards(tmp_path / "tin", "train", 12, 3, size=16)
     write_shards(tmp_path / "tin", "val", 6, 3, size=16)
     out = tmp_path / "probe.json"
     code, stdout, err = run_cli(["probe", "--model", "toyprobe:x", "--train", str(tmp_path / "tin"), "--val",
                                  str(tmp_path / "tin"), "--pool", "cls,abmilp", "--epochs", "2",
-                                 "--probe-batch-size", "4", "--cache-dir", str(tmp_path / "c"), "--out", str(out)],
-                                capsys)
+                                 "--probe-batch-size", "4", "--cache-dir", str(tmp_path / "c"), "--out", str(out)])
     assert code in (0, None), err
     result = json.loads(out.read_text())
     assert [r["pool"] for r in result["results"]] == ["cls", "abmilp"] and result["n_train"] == 12
     assert "abmilp" in stdout
     code, _, err = run_cli(["probe", "--model", "toyprobe:x", "--train", str(tmp_path / "tin"), "--val",
-                            str(tmp_path / "tin"), "--pool", "max"], capsys)
+                            str(tmp_path / "tin"), "--pool", "max"])
     assert code == 2 and "--pool" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["probe", "--model", "toyprobe:x", "--train", str(tmp_path / "none"), "--val",
-                            str(tmp_path / "tin")], capsys)
+                            str(tmp_path / "tin")])
     assert code == 2 and "--train" in err and "does not exist" in err
     code, _, err = run_cli(["attention", "--model", "toyprobe:x", "--images", str(tmp_path / "tin"), "--out",
-                            str(tmp_path / "att")], capsys)
+                            str(tmp_path / "att")])
     assert code == 2 and "does not return attention maps" in err

@@ -6,44 +6,36 @@ import pytest
 from PIL import Image
 from toy_backbone import ToyBackbone
 
-from soapvit.cli import main
 from soapvit.fitting import fit
 
 
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def test_missing_and_empty_folders_and_bad_model_give_one_line(tmp_path, capsys):
-    code, _, err = run(["fit", "--model", "zoo:dinov2-s14-imgfocus", "--images", str(tmp_path / "nope"),
-                        "--out", str(tmp_path / "h.safetensors")], capsys)
+def test_missing_and_empty_folders_and_bad_model_give_one_line(tmp_path, run_cli):
+    code, _, err = run_cli(["fit", "--model", "zoo:dinov2-s14-imgfocus", "--images", str(tmp_path / "nope"),
+                        "--out", str(tmp_path / "h.safetensors")])
     assert code == 2 and "does not exist" in err and str(tmp_path / "nope") in err
     assert len(err.strip().splitlines()) == 1
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, err = run(["fit", "--model", "zoo:x", "--images", str(empty), "--out", "h.safetensors"], capsys)
+    code, _, err = run_cli(["fit", "--model", "zoo:x", "--images", str(empty), "--out", "h.safetensors"])
     assert code == 2 and "holds no images" in err and len(err.strip().splitlines()) == 1
 
     Image.new("RGB", (8, 8)).save(empty / "a.png")
-    code, _, err = run(["fit", "--model", "nosuchsource:abc", "--images", str(empty), "--out", "h.safetensors"], capsys)
+    code, _, err = run_cli(["fit", "--model", "nosuchsource:abc", "--images", str(empty), "--out", "h.safetensors"])
     assert code == 2 and "unknown model source 'nosuchsource'" in err and len(err.strip().splitlines()) == 1
 
-    code, _, err = run(["inspect", str(tmp_path / "missing.safetensors")], capsys)
+    code, _, err = run_cli(["inspect", str(tmp_path / "missing.safetensors")])
     assert code == 2 and "missing.safetensors" in err
 
 
-def test_inspect_json_reports_every_block_in_eigenvalue_order(tmp_path, capsys):
+def test_inspect_json_reports_every_block_in_eigenvalue_order(tmp_path, run_cli):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(6):
         Image.effect_noise((20, 20), 40 + 10 * i).convert("RGB").save(folder / f"{i}.png")
     head, _ = fit(ToyBackbone(blocks=3), folder, synthetic=6, device="cpu", blocks="all")
     path = head.save(tmp_path / "head.safetensors")
-    code, out, _ = run(["inspect", str(path), "--json"], capsys)
+    code, out, _ = run_cli(["inspect", str(path), "--json"])
     assert code in (0, None)
     data = json.loads(out)
     assert data["backbone"] == "toy:test"
@@ -53,11 +45,11 @@ def test_inspect_json_reports_every_block_in_eigenvalue_order(tmp_path, capsys):
         assert layer["eigenvalues"] == pytest.approx(d.eigenvalues.tolist())
         assert layer["eigenvalues"] == sorted(layer["eigenvalues"], reverse=True)
         assert layer["si"] == pytest.approx(d.si.tolist()) and layer["weights"] == pytest.approx(d.weights.tolist())
-    code, out, err = run(["inspect", str(path)], capsys)
+    code, out, err = run_cli(["inspect", str(path)])
     assert code in (0, None) and "block 2" in out
 
 
-def test_fit_inspect_plot_end_to_end_on_a_tiny_hf_model(tmp_path, capsys):
+def test_fit_inspect_plot_end_to_end_on_a_tiny_hf_model(tmp_path, run_cli):
     import torch
     from transformers import Dinov2Config, Dinov2Model
 
@@ -71,17 +63,17 @@ def test_fit_inspect_plot_end_to_end_on_a_tiny_hf_model(tmp_path, capsys):
         Image.effect_noise((40, 30), 30 + 10 * i).convert("RGB").save(images / f"{i}.jpg")
     (images / "broken.png").write_bytes(b"nope")
     head = tmp_path / "head.safetensors"
-    code, _, err = run(["fit", "--model", f"hf:{model_dir}", "--images", str(images), "--synthetic", "4",
+    code, _, err = run_cli(["fit", "--model", f"hf:{model_dir}", "--images", str(images), "--synthetic", "4",
                         "--layers", "all", "--image-size", "32", "--batch-size", "2", "--device", "cpu",
-                        "--out", str(head)], capsys)
+                        "--out", str(head)])
     assert code in (0, None), err
     assert "skipped 1 unreadable image" in err and "broken.png" in err
-    code, out, _ = run(["inspect", str(head), "--json"], capsys)
+    code, out, _ = run_cli(["inspect", str(head), "--json"])
     data = json.loads(out)
     assert data["backbone"] == f"hf:{model_dir}" and sorted(data["layers"]) == ["0", "1"]
     assert all(len(layer["si"]) == 32 for layer in data["layers"].values())
-    code, _, err = run(["plot", str(head), str(head), "--out", str(tmp_path / "figs"), "--images", str(images),
-                        "--count", "2"], capsys)
+    code, _, err = run_cli(["plot", str(head), str(head), "--out", str(tmp_path / "figs"), "--images", str(images),
+                        "--count", "2"])
     assert code in (0, None), err
     written = sorted(p.name for p in (tmp_path / "figs").iterdir())
     assert written == ["max_si_per_block.png", "max_si_per_block_compare.png", "response_maps.png",

@@ -94,14 +94,7 @@ def write_shards(folder, images, labels):
                 tar.addfile(info, io.BytesIO(data))
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def test_cli_pretrain_resume_and_export(tmp_path, capsys):
+def test_cli_pretrain_resume_and_export(tmp_path, capsys, run_cli):
     images, labels = toy_images()
     write_shards(tmp_path / "shards", images, labels)
     common = ["pretrain", "--objective", "maskfeat", "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "c.pt"),
@@ -117,9 +110,9 @@ def test_cli_pretrain_resume_and_export(tmp_path, capsys):
     assert "step 4/4 finished" in out and "m.safetensors" in out
     assert VisionTransformerBackbone.from_checkpoint(tmp_path / "m.safetensors").num_blocks == 2
     code, _, err = run_cli(["pretrain", "--objective", "simclr", "--data", str(tmp_path / "shards"),
-                            "--out", str(tmp_path / "x.pt")], capsys)
+                            "--out", str(tmp_path / "x.pt")])
     assert code == 2 and "--objective 'simclr'" in err and len(err.strip().splitlines()) == 1
-    code, _, err = run_cli(common + ["--resume", str(tmp_path / "nope.pt")], capsys)
+    code, _, err = run_cli(common + ["--resume", str(tmp_path / "nope.pt")])
     assert code == 2 and "nope.pt" in err
 
 
