@@ -99,13 +99,19 @@ def test_views_are_image_major_and_view_zero_is_plain(tmp_path):
     assert not torch.equal(viewed.patches[1], viewed.patches[0])
 
 
-def test_soap_on_cached_tokens_equals_the_attached_backbone(tmp_path):
+def toy_backbone_and_head(tmp_path):
+    """The toy backbone and a SOAP head fitted for it on six noise images."""
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(6):
         Image.effect_noise((16, 16), 40 + 10 * i).convert("RGB").save(folder / f"{i}.png")
     backbone = ToyBackbone()
     head, _ = fit(backbone, folder, synthetic=6, device="cpu", blocks="all", image_size=16)
+    return backbone, head
+
+
+def test_soap_on_cached_tokens_equals_the_attached_backbone(tmp_path):
+    backbone, head = toy_backbone_and_head(tmp_path)
     data = toy_images(6, 2)
     shortcut = soap_corrected(encode_images(backbone, data, image_size=16), head)
     direct = encode_images(attach(backbone, head), data, image_size=16)
@@ -146,12 +152,7 @@ def test_data_arguments_shards_imagefolder_flat_and_selection(tmp_path):
 
 
 def test_run_probe_linear_knn_and_soap_on_a_toy_backbone(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(6):
-        Image.effect_noise((16, 16), 40 + 10 * i).convert("RGB").save(folder / f"{i}.png")
-    backbone = ToyBackbone()
-    head, _ = fit(backbone, folder, synthetic=6, device="cpu", blocks="all", image_size=16)
+    backbone, head = toy_backbone_and_head(tmp_path)
     train, val = toy_images(24, 3, seed=0), toy_images(12, 3, seed=1)
     config = ProbeConfig(epochs=2, batch_size=8, warmup_epochs=1)
     run = run_probe(backbone, train, val, soap_head=head, config=config, cache_dir=tmp_path / "cache",
