@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "soapvit"
-CORE = ("backbones", "data", "stats.py", "soap.py", "features.py", "fitting.py")
+CORE = ("backbones", "data", "stats.py", "soap.py", "features.py", "fitting.py", "safetensors_io.py", "errors.py")
 UPPER = ("eval", "pretrain", "aggregate", "cli")
 
 

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .backbones.base import Backbone, RawOutput
 from .errors import SoapvitError
+from .safetensors_io import read_safetensors
 from .stats import ResponseCounts, StreamingMoments, positional_fraction
 
 VARIANTS = ("reference", "paper")
@@ -220,17 +221,7 @@ class SoapHead(nn.Module):
     @classmethod
     def load(cls, path: str | Path) -> SoapHead:
         """Read a head file written by :meth:`save`."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise SoapvitError(f"head file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as err:  # safetensors raises several unrelated types
-            raise SoapvitError(f"{path} is not a readable SOAP head file: {err}") from err
+        tensors, meta = read_safetensors(path, "head file")
         if meta.get("format") != HEAD_FORMAT:
             raise SoapvitError(f"{path} is not a SOAP head file (format {meta.get('format')!r})")
         blocks = {

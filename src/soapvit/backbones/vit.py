@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import SoapvitError
+from ..safetensors_io import read_safetensors
 from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, RawOutput
 
 
@@ -228,17 +229,9 @@ class VisionTransformerBackbone(Backbone):
     @classmethod
     def from_checkpoint(cls, path: str | Path, model_id: str | None = None) -> "VisionTransformerBackbone":
         """Load a file written by :meth:`save` (weights are upcast to float32)."""
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise SoapvitError(f"checkpoint {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                state = {k: handle.get_tensor(k).float() for k in handle.keys()}
-        except Exception as err:  # safetensors raises several private error types
-            raise SoapvitError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
+        tensors, metadata = read_safetensors(path, "checkpoint")
+        state = {k: v.float() for k, v in tensors.items()}
         if "config" not in metadata:
             raise SoapvitError(f"checkpoint {path} has no 'config' metadata (not a soapvit ViT file)")
         config = ViTConfig(**json.loads(metadata["config"]))
