@@ -102,7 +102,8 @@ def test_semanticmim_equals_joint_sequence_with_explicit_masks():
     mask = random_mask(2, (4, 4), 0.5, torch.Generator().manual_seed(3))
     # reference: one sequence [IMG visible, PROXY, MASK]; layer i = compression block with
     # IMG/PROXY rows seeing only IMG/PROXY, then reconstruction block with MASK rows seeing
-    # [PROXY (already updated), MASK]; other rows are carried unchanged through that block.
+    # [PROXY (already updated; final-norm in the last layer), MASK]; other rows are carried
+    # unchanged through that block.
     x, m = model.initial_tokens(pixels, mask)
     p = CFG.num_prefix_tokens
     img, proxy = x[:, p:], x[:, :p]
@@ -112,9 +113,11 @@ def test_semanticmim_equals_joint_sequence_with_explicit_masks():
     kind = torch.tensor([0] * n_img + [1] * p + [2] * n_mask)
     compress = (kind[:, None] < 2) & (kind[None, :] < 2) | torch.eye(n, dtype=torch.bool)
     reconstruct = (kind[:, None] == 2) & (kind[None, :] >= 1) | torch.eye(n, dtype=torch.bool)
-    for comp, recon in zip(model.encoder.blocks, model.reconstruction):
+    for layer, (comp, recon) in enumerate(zip(model.encoder.blocks, model.reconstruction)):
         after = _joint_layer(comp, seq, compress)
         seq = torch.cat([after[:, : n_img + p], seq[:, n_img + p :]], 1)
+        if layer == CFG.depth - 1:  # the last reconstruction reads the final-norm proxies
+            seq = torch.cat([seq[:, :n_img], model.encoder.norm(seq[:, n_img : n_img + p]), seq[:, n_img + p :]], 1)
         after = _joint_layer(recon, seq, reconstruct)
         seq = torch.cat([seq[:, : n_img + p], after[:, n_img + p :]], 1)
     expect = model.head(model.decoder_norm(seq[:, n_img + p :]))

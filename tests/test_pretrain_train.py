@@ -12,7 +12,7 @@ from PIL import Image
 
 from soapvit.backbones.vit import VisionTransformerBackbone, read_card
 from soapvit.cli import main
-from soapvit.pretrain import OBJECTIVES, TrainConfig, export_backbone, train
+from soapvit.pretrain import OBJECTIVES, TrainConfig, build_objective, export_backbone, train
 from soapvit.pretrain.augment import color_jitter, mix_labels, random_resized_crop
 
 TINY = {"image_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -52,6 +52,19 @@ def test_few_steps_lower_the_loss(objective, tmp_path):
     h = result.history
     assert result.finished and len(h) == 16
     assert np.mean(h[-4:]) < np.mean(h[:4]), h
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_training_reaches_the_exported_final_norm(objective):
+    """Probes and SOAP read final-norm tokens, so every objective must train that norm."""
+    torch.manual_seed(0)
+    images, labels = toy_images(8)
+    config = TrainConfig(objective, vit=TINY, options=OPTIONS.get(objective, {}))
+    model = build_objective(config, num_classes=4)
+    model.loss(images, labels, torch.Generator().manual_seed(0)).backward()
+    norm = model.encoder.norm  # the student, whose EMA is exported for self-distillation
+    assert norm.weight.grad is not None and norm.weight.grad.abs().max() > 0
+    assert norm.bias.grad is not None and norm.bias.grad.abs().max() > 0
 
 
 @pytest.mark.parametrize("objective", ["semanticmim", "ibot", "supervised"])

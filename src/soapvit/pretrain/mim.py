@@ -102,7 +102,9 @@ class SemanticMIM(MaskedImageModel):
     """Proxy architecture. The encoder's prefix tokens are the proxies (``num_prefix_tokens``,
     8 by default); its blocks are the compression blocks; ``reconstruction`` blocks (one per
     layer, discarded after training) update the mask tokens, which start as mask token +
-    position embedding and never see image tokens."""
+    position embedding and never see image tokens. The last reconstruction block reads the
+    proxies through the encoder's final norm, as the exported backbone outputs them, so that
+    norm is trained (MAE's decoder reads the encoder's final norm likewise)."""
 
     def __init__(self, config: ViTConfig, **kwargs) -> None:
         super().__init__(config, **kwargs)
@@ -127,8 +129,9 @@ class SemanticMIM(MaskedImageModel):
 
     def predict_masked(self, pixels: Tensor, mask: Tensor) -> Tensor:
         x, m = self.initial_tokens(pixels, mask)
-        p = self.encoder.config.num_prefix_tokens
-        for compression, reconstruction in zip(self.encoder.blocks, self.reconstruction):
+        p, last = self.encoder.config.num_prefix_tokens, len(self.reconstruction) - 1
+        for layer, (compression, reconstruction) in enumerate(zip(self.encoder.blocks, self.reconstruction)):
             x = compression(x)
-            m = reconstruction(m, context=torch.cat([x[:, :p], m], dim=1))
+            proxies = self.encoder.norm(x[:, :p]) if layer == last else x[:, :p]
+            m = reconstruction(m, context=torch.cat([proxies, m], dim=1))
         return self.head(self.decoder_norm(m))
