@@ -248,7 +248,7 @@ def _token_maps(head: SoapHead, label: str, backbone, images: Sequence[Path], wo
 
         try:
             backbone = load(head.metadata["backbone"])
-        except (KeyError, SoapvitError, OSError) as err:
+        except (KeyError, ImportError, OSError, SoapvitError) as err:
             return f'<p class="muted">Backbone not available, token maps not drawn: {html.escape(str(err))}</p>'
     paths = render_head_figures(head, workdir, backbone, images, label=label)
     token_maps = next(p for p in paths if p.name == "token_maps.png")

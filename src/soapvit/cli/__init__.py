@@ -25,7 +25,7 @@ console = Console(stderr=True)  # progress, warnings, errors
 report = Console()  # results
 
 # each command module registers its commands on import, in the order `--help` lists them
-from . import soap_commands, evaluate, probe, pretrain  # noqa: E402,F401,I001
+from . import soap_commands, evaluate, probe, pretrain, html_report  # noqa: E402,F401,I001
 
 
 def main(args: list[str] | None = None) -> None:
