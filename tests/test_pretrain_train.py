@@ -2,7 +2,6 @@
 resume reproduces the uninterrupted run; export → zoo-style backbone; the CLI; augmentations."""
 
 import io
-import math
 import tarfile
 
 import numpy as np
@@ -14,6 +13,7 @@ from soapvit.backbones.vit import VisionTransformerBackbone, read_card
 from soapvit.cli import main
 from soapvit.pretrain import OBJECTIVES, TrainConfig, build_objective, export_backbone, train
 from soapvit.pretrain.augment import color_jitter, mix_labels, random_resized_crop
+from soapvit.schedule import learning_rate
 
 TINY = {"image_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 OPTIONS = {"dino": {"out_dim": 64, "local_crops": 2, "local_size": 8},
@@ -169,15 +169,34 @@ def test_mix_labels_targets_match_the_mixed_area():
         torch.testing.assert_close(mixed[0].mean(), targets[0, 3], atol=1e-6, rtol=0)
 
 
-def test_learning_rate_warmup_and_cosine_end_points():
-    from soapvit.pretrain.trainer import learning_rate
+def test_trainer_follows_the_shared_schedule(tmp_path):
+    images, labels = toy_images()
+    config = TrainConfig("maskfeat", epochs=1, batch_size=8, lr=1e-3, min_lr=1e-5, warmup_fraction=0.5, vit=TINY)
+    rates = []
+    train(config, images, labels, tmp_path / "c.pt", log=lambda state: rates.append(state.lr))
+    expect = [learning_rate(step / 4, 1.0, 0.5, 1e-3, 1e-5) for step in range(1, 5)]
+    assert rates == pytest.approx(expect) and rates[1] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-5)
 
-    config = TrainConfig("mae", lr=1e-3, min_lr=1e-5, warmup_fraction=0.1)
-    assert learning_rate(0.0, config) == 0.0
-    assert math.isclose(learning_rate(0.05, config), 5e-4)
-    assert math.isclose(learning_rate(0.1, config), 1e-3)
-    assert math.isclose(learning_rate(0.55, config), (1e-3 + 1e-5) / 2)
-    assert math.isclose(learning_rate(1.0, config), 1e-5)
+
+class _WritesMarker:
+    """Unpickling this object would create a file (as a malicious checkpoint could run a command)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_crafted_checkpoint_is_refused_without_running_code(tmp_path, run_cli):
+    images, labels = toy_images()
+    write_shards(tmp_path / "shards", images, labels)
+    marker, crafted = tmp_path / "marker", tmp_path / "crafted.ckpt"
+    torch.save({"train_config": {"objective": "mae"}, "payload": _WritesMarker(marker)}, crafted)
+    code, _, err = run_cli(["pretrain", "--objective", "mae", "--data", str(tmp_path / "shards"),
+                            "--out", str(tmp_path / "c.pt"), "--resume", str(crafted)])
+    assert not marker.exists()
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "crafted.ckpt" in err
 
 
 def test_cpu_budget_ends_the_run(tmp_path):

@@ -12,7 +12,6 @@ before training.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import SoapvitError
+from ..schedule import learning_rate
 from .cache import TokenCache
 from .heads import ProbeClassifier
 
@@ -63,14 +63,6 @@ class LARS(torch.optim.Optimizer):
                 buf.mul_(group["momentum"]).add_(step)
                 p.add_(buf, alpha=-group["lr"])
         return loss
-
-
-def learning_rate(step: float, total: float, warmup: float, peak: float) -> float:
-    """Linear warm-up to ``peak`` over ``warmup`` steps, then half-cosine to 0 at ``total``."""
-    if step < warmup:
-        return peak * step / warmup
-    progress = (step - warmup) / max(total - warmup, 1e-9)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 @dataclass

@@ -39,11 +39,13 @@ def pretrain(
 
     from ..data.shards import load_labelled_shards
     from ..features import resolve_device
-    from ..pretrain import TrainConfig, export_backbone, train
+    from ..pretrain import TrainConfig, export_backbone, load_checkpoint, train
 
     vit = {"image_size": image_size, "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth,
            "num_heads": num_heads}
     config = TrainConfig(objective, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, vit=vit)
+    if resume is not None:
+        load_checkpoint(resume)  # a bad checkpoint fails before the data is decoded
     dev = resolve_device(device)
     images, labels = load_labelled_shards(data, split, limit=limit)
     if dev.type == "cpu":

@@ -2,6 +2,18 @@
 pixel or HOG targets), supervised classification, DINO and iBOT; trainer with
 checkpoint/resume and export to zoo backbones."""
 
-from .trainer import OBJECTIVES, TrainConfig, TrainResult, build_objective, export_backbone, train
+from .trainer import (
+    MIM_OBJECTIVES,
+    OBJECTIVES,
+    TrainConfig,
+    TrainResult,
+    build_objective,
+    export_backbone,
+    load_checkpoint,
+    train,
+)
 
-__all__ = ["OBJECTIVES", "TrainConfig", "TrainResult", "build_objective", "export_backbone", "train"]
+__all__ = [
+    "MIM_OBJECTIVES", "OBJECTIVES", "TrainConfig", "TrainResult", "build_objective", "export_backbone",
+    "load_checkpoint", "train",
+]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,13 +22,19 @@ from torch import Tensor
 from ..backbones.vit import ViTConfig, VisionTransformerBackbone
 from ..errors import SoapvitError
 from ..features import autocast
+from ..schedule import learning_rate
 from .mim import MAE, SemanticMIM, SimMIM
 from .objective import Objective
 from .selfdistill import DINO
 from .supervised import Supervised
 
 OBJECTIVES = ("mae", "maskfeat", "semanticmim", "supervised", "dino", "ibot")
-MIM_OBJECTIVES = ("mae", "maskfeat", "semanticmim")
+RECONSTRUCTION_OBJECTIVES = ("mae", "maskfeat", "semanticmim")
+"""predict the pixels or HOG of masked patches (AdamW betas 0.9/0.95, as in MAE)."""
+SELF_DISTILLATION_OBJECTIVES = ("dino", "ibot")
+MIM_OBJECTIVES = (*RECONSTRUCTION_OBJECTIVES, "ibot")
+"""trained by masked patch prediction (iBOT predicts the teacher's patch tokens of masked
+patches): the MIM class of the SOAP paper."""
 
 
 @dataclass
@@ -66,7 +73,7 @@ class TrainConfig:
     def peak_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 5e-4 if self.objective in ("dino", "ibot") else 1e-3
+        return 5e-4 if self.objective in SELF_DISTILLATION_OBJECTIVES else 1e-3
 
 
 def build_objective(config: TrainConfig, num_classes: int) -> Objective:
@@ -80,16 +87,6 @@ def build_objective(config: TrainConfig, num_classes: int) -> Objective:
     if name == "supervised":
         return Supervised(vit, num_classes=num_classes, **opts)
     return DINO(vit, **{"patch_loss": name == "ibot", **opts})
-
-
-def learning_rate(progress: float, config: TrainConfig) -> float:
-    """Linear warm-up over the first ``warmup_fraction`` of the run, then cosine decay to
-    ``min_lr``; ``progress`` ∈ [0, 1] is the fraction of the run done after this step."""
-    peak, warmup = config.peak_lr(), config.warmup_fraction
-    if progress < warmup:
-        return peak * progress / warmup
-    t = (progress - warmup) / max(1e-9, 1 - warmup)
-    return config.min_lr + (peak - config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 @dataclass
@@ -136,16 +133,20 @@ def _save(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, what: str = "--resume") -> dict:
+    """A training checkpoint, read with torch's safe unpickler (tensors and plain data only: a
+    file that would run code when loaded is refused, never executed)."""
     path = Path(path)
     if not path.is_file():
-        raise SoapvitError(f"--resume: checkpoint {path} does not exist")
+        raise SoapvitError(f"{what}: checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise SoapvitError(f"{what}: {path} holds objects other than tensors and plain data; refused") from err
     except Exception as err:
-        raise SoapvitError(f"--resume: {path} is not a soapvit training checkpoint ({err})") from err
+        raise SoapvitError(f"{what}: {path} is not a soapvit training checkpoint ({type(err).__name__})") from err
     if not isinstance(payload, dict) or "train_config" not in payload:
-        raise SoapvitError(f"--resume: {path} is not a soapvit training checkpoint")
+        raise SoapvitError(f"{what}: {path} is not a soapvit training checkpoint")
     return payload
 
 
@@ -178,7 +179,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    betas = (0.9, 0.95) if config.objective in MIM_OBJECTIVES else (0.9, 0.999)
+    betas = (0.9, 0.95) if config.objective in RECONSTRUCTION_OBJECTIVES else (0.9, 0.999)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.peak_lr(), betas=betas,
@@ -215,7 +216,7 @@ def train(
         t0 = time.monotonic()
         idx = _batch_indices(step, config.batch_size, n, config.seed)
         batch, batch_labels = images[idx].to(device), labels[idx].to(device)
-        lr = learning_rate(progress(step + 1), config)
+        lr = learning_rate(progress(step + 1), 1.0, config.warmup_fraction, config.peak_lr(), config.min_lr)
         for group in opt.param_groups:
             group["lr"] = lr
         with autocast(device):
@@ -248,7 +249,7 @@ def train(
 def export_backbone(checkpoint: str | Path, path: str | Path, card: dict[str, Any] | None = None) -> Path:
     """Write the trained encoder of a training checkpoint as an fp16 zoo safetensors file;
     the card gets the objective and recipe."""
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, "checkpoint")
     config = TrainConfig(**state["train_config"])
     model = build_objective(config, state["num_classes"])
     model.load_state_dict(state["model"])
