@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from ..backbones.vit import Block, ViTConfig, VisionTransformer, resample_position_embedding
-from .augment import normalize, random_resized_crop, to_unit
+from ..data.augment import random_resized_crop
+from ..data.transforms import normalize
 from .masking import make_mask
 from .objective import Objective
 from .targets import make_targets, target_dim
@@ -45,7 +47,8 @@ class MaskedImageModel(Objective):
 
     def loss(self, images: Tensor, labels: Tensor, gen: torch.Generator) -> Tensor:
         cfg = self.encoder.config
-        pixels = normalize(random_resized_crop(to_unit(images), cfg.image_size, gen, self.crop_scale))
+        crops = random_resized_crop(images.float() / 255, cfg.image_size, gen, self.crop_scale)
+        pixels = normalize(crops, IMAGENET_MEAN, IMAGENET_STD)
         mask = make_mask(self.masking, pixels.shape[0], (cfg.grid, cfg.grid), self.mask_ratio, gen).to(pixels.device)
         with torch.no_grad():
             target = gather_tokens(make_targets(self.target, pixels.float(), cfg.patch_size), mask, keep=True)

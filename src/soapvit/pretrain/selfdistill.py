@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from ..backbones.vit import ViTConfig, VisionTransformer
-from .augment import color_jitter, normalize, random_grayscale, random_resized_crop, to_unit
+from ..data.augment import color_jitter, random_grayscale, random_resized_crop
+from ..data.transforms import normalize
 from .masking import block_mask
 from .objective import Objective
 
@@ -73,7 +75,7 @@ class DINO(Objective):
 
     def _view(self, x: Tensor, size: int, scale, gen: torch.Generator) -> Tensor:
         x = random_resized_crop(x, size, gen, scale)
-        return normalize(random_grayscale(color_jitter(x, gen), gen))
+        return normalize(random_grayscale(color_jitter(x, gen), gen), IMAGENET_MEAN, IMAGENET_STD)
 
     def _masks(self, batch: int, gen: torch.Generator, device) -> Tensor:
         """iBOT masks for ``batch`` global crops: block-wise, ratio drawn per batch, applied to
@@ -85,7 +87,7 @@ class DINO(Objective):
         return (masks & keep.unsqueeze(1)).to(device)
 
     def loss(self, images: Tensor, labels: Tensor, gen: torch.Generator) -> Tensor:
-        x = to_unit(images)
+        x = images.float() / 255
         b, p = x.shape[0], self.encoder.config.num_prefix_tokens
         globals_ = torch.cat([self._view(x, self.encoder.config.image_size, self.global_scale, gen) for _ in range(2)])
         locals_ = [self._view(x, self.local_size, self.local_scale, gen) for _ in range(self.local_crops)]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from ..backbones.vit import ViTConfig, VisionTransformer
-from .augment import color_jitter, mix_labels, normalize, random_resized_crop, to_unit
+from ..data.augment import color_jitter, mix_labels, random_resized_crop
+from ..data.transforms import normalize
 from .objective import Objective
 
 
@@ -27,7 +29,8 @@ class Supervised(Objective):
         self.mixup_alpha, self.cutmix_alpha, self.smoothing = mixup_alpha, cutmix_alpha, smoothing
 
     def loss(self, images: Tensor, labels: Tensor, gen: torch.Generator) -> Tensor:
-        x = color_jitter(random_resized_crop(to_unit(images), self.encoder.config.image_size, gen, self.crop_scale), gen)
+        crops = random_resized_crop(images.float() / 255, self.encoder.config.image_size, gen, self.crop_scale)
+        x = color_jitter(crops, gen)
         x, targets = mix_labels(x, labels, self.num_classes, gen, self.mixup_alpha, self.cutmix_alpha, smoothing=self.smoothing)
-        logits = self.head(self.encoder(normalize(x))[:, 0]).float()
+        logits = self.head(self.encoder(normalize(x, IMAGENET_MEAN, IMAGENET_STD))[:, 0]).float()
         return -(targets * torch.log_softmax(logits, dim=-1)).sum(-1).mean()

@@ -1,16 +1,15 @@
-"""Batched image augmentations as tensor ops (no torchvision): every function takes float
-images ``(B, 3, H, W)`` in [0, 1] and a ``torch.Generator`` so a training step is reproducible
-from its seed alone."""
+"""Batched image augmentations as tensor ops (no torchvision). Each takes images
+``(B, 3, H, W)`` and a ``torch.Generator``, so a view is reproducible from its seed alone;
+the photometric ones expect float values in [0, 1]."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from ..backbones.base import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> Tensor:
@@ -19,30 +18,39 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> T
 
 def random_resized_crop(
     images: Tensor,
-    size: int,
+    size: int | tuple[int, int],
     gen: torch.Generator,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip: bool = True,
 ) -> Tensor:
-    """Per-image crop of a random area fraction and aspect ratio, resized bilinearly to
-    ``size × size``, mirrored with probability 1/2 when ``flip``."""
+    """Per-image crop of a random area fraction and aspect ratio, resized bilinearly to ``size``
+    (``side`` or ``(height, width)``), mirrored with probability 1/2 when ``flip``."""
     b, dev = images.shape[0], images.device
+    height, width = (size, size) if isinstance(size, int) else size
     area = _uniform(b, *scale, gen, dev)
-    log_ratio = _uniform(b, math.log(ratio[0]), math.log(ratio[1]), gen, dev)
-    aspect = torch.exp(log_ratio)
-    width = torch.sqrt(area * aspect).clamp(max=1.0)  # fraction of the side
-    height = torch.sqrt(area / aspect).clamp(max=1.0)
-    cx = (torch.rand(b, generator=gen).to(dev) * 2 - 1) * (1 - width)
-    cy = (torch.rand(b, generator=gen).to(dev) * 2 - 1) * (1 - height)
+    aspect = torch.exp(_uniform(b, math.log(ratio[0]), math.log(ratio[1]), gen, dev))
+    crop_w = torch.sqrt(area * aspect).clamp(max=1.0)  # fraction of the side
+    crop_h = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (torch.rand(b, generator=gen).to(dev) * 2 - 1) * (1 - crop_w)
+    cy = (torch.rand(b, generator=gen).to(dev) * 2 - 1) * (1 - crop_h)
     sign = torch.ones(b, device=dev)
     if flip:
         sign = torch.where(torch.rand(b, generator=gen).to(dev) < 0.5, -1.0, 1.0)
     theta = torch.zeros(b, 2, 3, device=dev, dtype=images.dtype)
-    theta[:, 0, 0], theta[:, 0, 2] = width * sign, cx
-    theta[:, 1, 1], theta[:, 1, 2] = height, cy
-    grid = F.affine_grid(theta, (b, images.shape[1], size, size), align_corners=False)
+    theta[:, 0, 0], theta[:, 0, 2] = crop_w * sign, cx
+    theta[:, 1, 1], theta[:, 1, 2] = crop_h, cy
+    grid = F.affine_grid(theta, (b, images.shape[1], height, width), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_resized_flip(
+    images: Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.25, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Tensor:
+    """:func:`random_resized_crop` of uint8 images back to their own size, as uint8."""
+    views = random_resized_crop(images.float(), tuple(images.shape[-2:]), gen, scale, ratio)
+    return views.round().clamp(0, 255).to(torch.uint8)
 
 
 def _gray(images: Tensor) -> Tensor:
@@ -84,17 +92,6 @@ def random_grayscale(images: Tensor, gen: torch.Generator, p: float = 0.2) -> Te
     return torch.where(apply, _gray(images).expand_as(images), images)
 
 
-def normalize(images: Tensor) -> Tensor:
-    """[0, 1] → ImageNet-normalised (the backbones' preprocessing)."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
-
-
-def to_unit(images_uint8: Tensor) -> Tensor:
-    return images_uint8.float() / 255.0
-
-
 def mix_labels(
     images: Tensor, labels: Tensor, num_classes: int, gen: torch.Generator,
     mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5, smoothing: float = 0.1,
@@ -126,7 +123,5 @@ def mix_labels(
 
 def _beta(alpha: float, gen: torch.Generator) -> float:
     """One Beta(alpha, alpha) draw from a numpy generator seeded by ``gen``."""
-    import numpy as np
-
     seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
     return float(np.random.default_rng(seed).beta(alpha, alpha))
