@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "soapvit"
-CORE = ("backbones", "data", "stats.py", "soap.py", "features.py", "fitting.py", "safetensors_io.py", "errors.py")
+CORE = ("backbones", "data", "stats.py", "soap.py", "features.py", "fitting.py", "safetensors_io.py", "errors.py",
+        "schedule.py")
 UPPER = ("eval", "pretrain", "aggregate", "cli")
+EVALUATIONS = ("eval", "aggregate", "fitting", "plots")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -37,6 +39,13 @@ def test_nothing_imports_the_cli_and_core_never_imports_upper_layers():
         if rel.parts[0] in CORE:
             bad = [n for n in imports if "." in n and n.split(".")[1] in UPPER]
             assert not bad, f"{rel} (core) imports {bad}"
+
+
+def test_pretraining_sits_below_the_evaluations():
+    """Probes, SOAP fits and figures of trained models belong to scripts, not to soapvit.pretrain."""
+    for path in (PACKAGE / "pretrain").rglob("*.py"):
+        bad = [n for n in imported_modules(path) if "." in n and n.split(".")[1] in EVALUATIONS]
+        assert not bad, f"{path.relative_to(PACKAGE)} imports {bad}"
 
 
 def test_import_soapvit_loads_no_heavy_optional_library():

@@ -1,11 +1,12 @@
-"""Train the model zoo back to back in one process and export it (``python -m
-soapvit.pretrain.zoo``): same ViT, same data, same CPU-time budget per objective.
+"""Train, probe and analyse the model zoo (``python scripts/train_zoo.py``): the same ViT on the
+same data with each pre-training objective and the same compute.
 
-Per objective: train with the schedule on CPU time (``TrainConfig.cpu_budget_s``: equal compute
-on a machine shared with other jobs, whatever their load), checkpoints every two minutes (a
-restarted job resumes them), a wall-clock cap; then export the encoder as
-``<out>/<name>.safetensors`` with a model card. ``--probe`` adds kNN probe accuracies (CLS and
-mean of patch tokens, soapvit.aggregate) to the cards.
+Per objective (default): train with the schedule on CPU time (``TrainConfig.cpu_budget_s``:
+equal compute on a machine shared with other jobs, whatever their load) or, with
+``--cpu-minutes 0``, on ``--epochs``; checkpoints every two minutes (a restarted job resumes
+them), a wall-clock cap; then export the encoder as ``<out>/<name>.safetensors`` with a model card.
+``--probe`` adds kNN and linear probe accuracies (CLS and mean of patch tokens) to the cards;
+``--analyse`` fits SOAP on every block and measures attention distances, with figures.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ..backbones.vit import VisionTransformerBackbone, read_card
-from ..data.shards import load_labelled_shards
-from .trainer import OBJECTIVES, TrainConfig, export_backbone, train
+import soapvit
+from soapvit.backbones.vit import ViTConfig, VisionTransformerBackbone, read_card
+from soapvit.data.shards import load_labelled_shards
+from soapvit.pretrain import MIM_OBJECTIVES, OBJECTIVES, TrainConfig, export_backbone, train
 
 ZOO_VIT = {"image_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 6, "num_heads": 4}
 ZOO_OPTIONS = {"dino": {"local_crops": 2}, "ibot": {"local_crops": 2}}
@@ -31,8 +33,8 @@ def _say(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def train_zoo(data: Path, out: Path, work: Path, names: list[str], cpu_minutes: float, wall_cap_minutes: float,
-              batch_size: int) -> None:
+def train_zoo(data: Path, out: Path, work: Path, names: list[str], cpu_minutes: float, epochs: float,
+              wall_cap_minutes: float, batch_size: int) -> None:
     images, labels = load_labelled_shards(data, "train")
     _say(f"loaded {images.shape[0]} training images from {data}")
     for name in names:
@@ -42,8 +44,8 @@ def train_zoo(data: Path, out: Path, work: Path, names: list[str], cpu_minutes: 
             continue
         ckpt = work / f"{name}.pt"
         resume = ckpt if ckpt.exists() else None
-        config = TrainConfig(name, epochs=5.0, batch_size=batch_size, vit=dict(ZOO_VIT),
-                             options=ZOO_OPTIONS.get(name, {}), cpu_budget_s=cpu_minutes * 60)
+        config = TrainConfig(name, epochs=epochs, batch_size=batch_size, vit=dict(ZOO_VIT),
+                             options=ZOO_OPTIONS.get(name, {}), cpu_budget_s=cpu_minutes * 60 or None)
 
         def log(s, name=name):
             if s.step % 10 == 0 or s.step == s.total_steps:
@@ -62,8 +64,8 @@ def train_zoo(data: Path, out: Path, work: Path, names: list[str], cpu_minutes: 
 def probe_zoo(data: Path, out: Path, names: list[str], per_class: int, linear_epochs: int, cache: Path) -> None:
     """kNN and linear probes (CLS, mean of patch tokens) of every zoo model and of a randomly
     initialised ViT of the same architecture (the floor any pre-training must clear)."""
-    from ..aggregate import ProbeConfig, load_labelled, run_probe
-    from ..backbones.vit import ViTConfig
+    from soapvit.aggregate import ProbeConfig, run_probe
+    from soapvit.data.labelled import load_labelled
 
     train_set = load_labelled(data, "train", per_class=per_class)
     val_set = load_labelled(data, "val", what="--val")
@@ -79,7 +81,7 @@ def probe_zoo(data: Path, out: Path, names: list[str], per_class: int, linear_ep
         for method, extra in (("knn", {}), ("linear", {"config": linear})):
             run = run_probe(backbone, train_set, val_set, pools=("cls", "mean"), method=method, batch_size=128,
                             cache_dir=cache, **extra)
-            scores |= {f"{method}_{r.pool}_top1": round(r.top1, 4) for r in run.results}
+            scores |= {f"{method}_{r.pool}_top1": round(r.top1, 4) for r in run.rows()}
         probe = {"knn": "k=20, T=0.07", "linear": f"LARS, {linear_epochs} epochs, batch 256 (soapvit.aggregate)",
                  **scores, "train": f"{len(train_set)} train images ({per_class}/class)",
                  "val": f"{len(val_set)} val images (all)"}
@@ -96,21 +98,21 @@ def analyse_zoo(data: Path, images: Path, out: Path, names: list[str], work: Pat
                 attention_images: int = 500) -> dict:
     """SOAP fit of every block (natural images resized to the zoo resolution, as many synthetic
     ones) and mean attention distance per block and head on Tiny-ImageNet val images; writes
-    ``figures/zoo_*.png`` and returns (and stores in ``work/analysis.json``) the numbers."""
-    from ..aggregate.datasets import to_pixels
-    from ..fitting import fit
-    from ..plots import plot_max_si_per_block, plot_si_curves
-    from .analysis import mean_attention_distance, query_attention
-    from .trainer import MIM_OBJECTIVES
+    ``figures/zoo_*.png`` (MIM models solid, the others dashed) and returns (and stores in
+    ``work/analysis.json``) the numbers."""
+    from soapvit.data.transforms import normalize
+    from soapvit.fitting import fit
+    from soapvit.plots import plot_max_si_per_block, plot_si_curves
+    from soapvit.pretrain.analysis import mean_attention_distance, query_attention
 
-    val, _ = load_labelled_shards(data, "val", limit=attention_images)
+    val, _ = load_labelled_shards(data, "val", limit=attention_images, size=ZOO_VIT["image_size"])
     heads, results = {}, {}
     for name in names:
         backbone = VisionTransformerBackbone.from_checkpoint(out / f"{name}.safetensors", f"zoo:{name}")
         head, _ = fit(backbone, images, image_size=backbone.image_size, blocks="all", batch_size=64, num_workers=0)
         head.save(work / f"soap-{name}.safetensors")
         heads[name] = head
-        pixels = to_pixels(val, backbone.image_size, backbone.image_mean, backbone.image_std)
+        pixels = normalize(val.float() / 255, backbone.image_mean, backbone.image_std)
         distance = mean_attention_distance(backbone, pixels)
         last = head.blocks[max(head.blocks)]
         results[name] = {
@@ -157,12 +159,14 @@ def _plot_attention(results: dict, figures: Path, dashed: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / "zoo")
+    parser.add_argument("--out", type=Path, default=Path(soapvit.__file__).parent / "assets" / "zoo")
     parser.add_argument("--work", type=Path, default=Path("zoo-checkpoints"))
     parser.add_argument("--names", default=",".join(OBJECTIVES))
-    parser.add_argument("--cpu-minutes", type=float, default=6.0, help="CPU-time budget per model")
+    parser.add_argument("--cpu-minutes", type=float, default=6.0,
+                        help="CPU-time budget per model; 0 = schedule on --epochs")
+    parser.add_argument("--epochs", type=float, default=5.0, help="schedule length (a cap under a CPU budget)")
     parser.add_argument("--wall-cap-minutes", type=float, default=14.0, help="stop a model after this wall time")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--probe", action="store_true", help="probe the exported models instead of training")
@@ -177,12 +181,14 @@ def main(argv: list[str] | None = None) -> None:
     # ran a training step 10x slower (measured: 5.8 s vs 0.54 s)
     torch.set_num_threads(1)
     names = [n for n in args.names.split(",") if n]
+    args.work.mkdir(parents=True, exist_ok=True)
     if args.analyse:
         analyse_zoo(args.data, args.images, args.out, names, args.work, args.figures)
     elif args.probe:
         probe_zoo(args.data, args.out, names, args.per_class, args.linear_epochs, args.cache)
     else:
-        train_zoo(args.data, args.out, args.work, names, args.cpu_minutes, args.wall_cap_minutes, args.batch_size)
+        train_zoo(args.data, args.out, args.work, names, args.cpu_minutes, args.epochs, args.wall_cap_minutes,
+                  args.batch_size)
 
 
 if __name__ == "__main__":
