@@ -1,17 +1,29 @@
 import numpy as np
 import pytest
 import scipy.fft
+import scipy.stats
 import torch
 
 from soapvit.data.synthetic import (
+    GENERATOR_VERSION,
     SyntheticImages,
     dct_matrix,
     linear_gradient,
+    mixture,
+    mixture_weights,
     modulated_noise,
+    pink_envelope,
     pink_filter,
     pink_noise,
 )
 from soapvit.errors import SoapvitError
+
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def test_dct_matrix_matches_scipy():
@@ -21,8 +33,7 @@ def test_dct_matrix_matches_scipy():
 
 
 def test_pink_noise_has_unit_std_and_one_over_f_spectrum():
-    g = torch.Generator().manual_seed(0)
-    noise = pink_noise(64, 3, 32, g)
+    noise = pink_noise(64, 3, 32, _seeded(0))
     std = noise.std(dim=(-2, -1))
     torch.testing.assert_close(std, torch.ones_like(std))
     # amplitude in the DCT domain falls as 1/f: compare mean |coefficient| in two frequency rings
@@ -34,11 +45,33 @@ def test_pink_noise_has_unit_std_and_one_over_f_spectrum():
     assert ratio == pytest.approx(expected, rel=0.1)
 
 
-def test_gradient_and_modulated_noise_ranges():
-    g = torch.Generator().manual_seed(1)
-    grad = linear_gradient(8, 16, g)
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+def test_pink_envelope_is_the_unit_std_pink_field_in_imagenet_pixel_range():
+    envelope = pink_envelope(16, 32, _seeded(2)).numpy().astype(np.float64)
+    field = pink_noise(16, 1, 32, _seeded(2)).numpy().astype(np.float64)  # same draws, std 1
+    np.testing.assert_allclose(envelope, np.clip(field * STD[:, None, None] + MEAN[:, None, None], 0, 1), atol=1e-6)
+    clipped = ((envelope == 0) | (envelope == 1)).mean()
+    assert 0 < clipped < 0.1  # only the tails beyond about two standard deviations
+    np.testing.assert_allclose(field.std(axis=(-2, -1), ddof=1), 1.0, atol=1e-4)
+
+
+def test_modulated_noise_amplitude_at_224_px():
+    """METHODS.md §1: envelope mean ≈ 0.47 and product std ≈ 0.53 (red channel; the reference
+    below gives 0.486 / 0.534 for it, 0.451 / 0.502 averaged over channels)."""
+    envelope = torch.cat([pink_envelope(32, 224, _seeded(s)) for s in range(4)])
+    product = torch.cat([modulated_noise(32, 224, _seeded(10 + s)) for s in range(4)])
+    x = np.random.default_rng(0).normal(size=1_000_000)
+    reference = np.clip(MEAN[:, None] + STD[:, None] * x, 0, 1)
+    np.testing.assert_allclose(envelope.mean(dim=(0, 2, 3)).numpy(), reference.mean(axis=1), atol=0.02)
+    np.testing.assert_allclose(product.std(dim=(0, 2, 3)).numpy(), np.sqrt((reference**2).mean(axis=1)), atol=0.03)
+    assert envelope[:, 0].mean().item() == pytest.approx(0.47, abs=0.02)
+    assert product[:, 0].std().item() == pytest.approx(0.53, abs=0.03)
+    assert product.mean().abs().item() < 0.01
+
+
+def test_gradient_is_a_clipped_linear_ramp_in_pixel_range():
+    grad = linear_gradient(8, 16, _seeded(1))
+    mean = torch.tensor(MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(STD, dtype=torch.float32)[:, None, None]
     pixels = grad * std + mean
     assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
     # a linear ramp before clipping: second differences vanish where nothing is clipped
@@ -46,8 +79,24 @@ def test_gradient_and_modulated_noise_ranges():
     inside = (row > 1e-4) & (row < 1 - 1e-4)
     second = row[2:] - 2 * row[1:-1] + row[:-2]
     assert second[inside[1:-1] & inside[2:] & inside[:-2]].abs().max() < 1e-5
-    mod = modulated_noise(4, 16, g)
-    assert mod.shape == (4, 3, 16, 16) and torch.isfinite(mod).all()
+
+
+def test_mixture_weights_follow_dirichlet_1_1_2():
+    weights = mixture_weights(4000, _seeded(3)).numpy().astype(np.float64)
+    assert (weights > 0).all()
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-6)
+    # marginals of Dirichlet(1, 1, 2): Beta(1, 3), Beta(1, 3), Beta(2, 2)
+    for column, (a, b) in enumerate([(1, 3), (1, 3), (2, 2)]):
+        assert scipy.stats.kstest(weights[:, column], scipy.stats.beta(a, b).cdf).pvalue > 0.01
+
+
+def test_mixture_blends_the_three_components_with_those_weights():
+    blended = mixture(5, 16, _seeded(4))
+    g = _seeded(4)
+    weights = mixture_weights(5, g)
+    parts = [pink_noise(5, 3, 16, g), modulated_noise(5, 16, g), linear_gradient(5, 16, g)]
+    expected = sum(weights[:, i, None, None, None] * part for i, part in enumerate(parts))
+    torch.testing.assert_close(blended, expected)
 
 
 @pytest.mark.parametrize("generator", ["mixture", "marginal", "pink", "modulated", "gradient"])
@@ -55,16 +104,20 @@ def test_streams_are_seeded_and_sized(generator):
     a = torch.cat(list(SyntheticImages(10, 16, generator, seed=5).batches(4)))
     b = torch.cat(list(SyntheticImages(10, 16, generator, seed=5).batches(4)))
     c = torch.cat(list(SyntheticImages(10, 16, generator, seed=6).batches(4)))
-    assert a.shape == (10, 3, 16, 16)
+    assert a.shape == (10, 3, 16, 16) and torch.isfinite(a).all()
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
+
+
+def test_stream_records_the_generator_version():
+    assert SyntheticImages(1, 8).version == GENERATOR_VERSION == 2
 
 
 def test_renormalisation_to_backbone_statistics():
     imagenet = torch.cat(list(SyntheticImages(3, 8, "gradient", 0).batches(3)))
     half = torch.cat(list(SyntheticImages(3, 8, "gradient", 0, mean=(0.5,) * 3, std=(0.5,) * 3).batches(3)))
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    mean = torch.tensor(MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(STD, dtype=torch.float32)[:, None, None]
     torch.testing.assert_close(half * 0.5 + 0.5, imagenet * std + mean)
 
 

@@ -3,6 +3,9 @@
 Every generator works in ImageNet-normalised space, as the SOAP reference does, and the result
 is re-normalised to the target backbone's mean/std when those differ. A :class:`SyntheticImages`
 source is seeded: the same seed, batch size and count give the same images.
+
+:data:`GENERATOR_VERSION` changes whenever the images a seed gives change (version 2: the
+modulated component's envelope is a std-normalised pink field in pixel range, not the raw one).
 """
 
 from __future__ import annotations
@@ -10,16 +13,21 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from ..backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import SoapvitError
+from .transforms import denormalize, normalize
 
+GENERATOR_VERSION = 2
 GENERATORS = ("mixture", "marginal", "pink", "modulated", "gradient")
 MARGINAL_KINDS = ("uniform", "gaussian", "pink", "gradient", "constant")
 MARGINAL_PROBS = (0.05, 0.15, 0.4, 0.3, 0.1)
+MIXTURE_CONCENTRATION = (1, 1, 2)
+"""Dirichlet concentration over (pink, modulated, gradient); integers, see :func:`mixture_weights`"""
 
 
 def dct_matrix(n: int, device=None, dtype=torch.float32) -> Tensor:
@@ -40,29 +48,26 @@ def pink_filter(size: int, alpha: float = 1.0, device=None) -> Tensor:
 
 
 def pink_noise(n: int, channels: int, size: int, generator: torch.Generator, *, alpha: float = 1.0,
-               normalise: bool = True, device=None) -> Tensor:
-    """White Gaussian noise shaped to a ``1/f^alpha`` spectrum in the 2-D DCT domain.
-
-    With ``normalise`` each sample's channels are divided by their standard deviation.
-    """
+               device=None) -> Tensor:
+    """White Gaussian noise shaped to a ``1/f^alpha`` spectrum in the 2-D DCT domain, each
+    sample's channels divided by their standard deviation."""
     white = torch.randn(n, channels, size, size, generator=generator, device=device)
     c = dct_matrix(size, device=device)
     spectrum = c @ white @ c.T
     field = c.T @ (spectrum * pink_filter(size, alpha, device=device)) @ c
-    if normalise:
-        field = field / field.std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
-    return field
+    return field / field.std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
 
 
-def _imagenet_normalise(x01: Tensor) -> Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=x01.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=x01.device)[:, None, None]
-    return (x01 - mean) / std
+def pink_envelope(n: int, size: int, generator: torch.Generator, device=None) -> Tensor:
+    """``(n, 3, size, size)`` envelope in [0, 1]: one std-normalised pink field per image mapped
+    to pixel range with the ImageNet statistics (``x·std_c + mean_c``), then clipped."""
+    field = pink_noise(n, 1, size, generator, device=device)
+    return denormalize(field, IMAGENET_MEAN, IMAGENET_STD).clamp(0.0, 1.0)
 
 
 def modulated_noise(n: int, size: int, generator: torch.Generator, device=None) -> Tensor:
-    """White Gaussian noise multiplied by a one-channel pink field clipped to [0, 1]."""
-    envelope = pink_noise(n, 1, size, generator, normalise=False, device=device).clamp(0.0, 1.0)
+    """White Gaussian noise multiplied by a :func:`pink_envelope`."""
+    envelope = pink_envelope(n, size, generator, device=device)
     return envelope * torch.randn(n, 3, size, size, generator=generator, device=device)
 
 
@@ -73,14 +78,21 @@ def linear_gradient(n: int, size: int, generator: torch.Generator, device=None) 
     ramp = torch.linspace(0.0, 1.0, size, device=device)
     x, y = ramp[None, :].expand(size, size), ramp[:, None].expand(size, size)
     img = coeffs[:, :, 0] * x + coeffs[:, :, 1] * y + coeffs[:, :, 2]
-    return _imagenet_normalise(img.clamp(0.0, 1.0))
+    return normalize(img.clamp(0.0, 1.0), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def mixture_weights(n: int, generator: torch.Generator, device=None) -> Tensor:
+    """``(n, 3)`` Dirichlet(:data:`MIXTURE_CONCENTRATION`) weights: each Gamma(k) draw is a sum
+    of k Exp(1) draws, then every row is divided by its sum."""
+    uniform = torch.rand(n, sum(MIXTURE_CONCENTRATION), generator=generator, device=device)
+    exponential = -torch.log1p(-uniform)  # U in [0, 1), so 1 - U > 0
+    gamma = torch.stack([part.sum(dim=1) for part in exponential.split(MIXTURE_CONCENTRATION, dim=1)], dim=1)
+    return gamma / gamma.sum(dim=1, keepdim=True)
 
 
 def mixture(n: int, size: int, generator: torch.Generator, device=None) -> Tensor:
     """Per-image Dirichlet(1, 1, 2) blend of pink noise, modulated noise and a gradient."""
-    gamma = -torch.log(torch.rand(n, 3, generator=generator, device=device).clamp_min(1e-12))
-    gamma[:, 2] += -torch.log(torch.rand(n, generator=generator, device=device).clamp_min(1e-12))
-    weights = gamma / gamma.sum(dim=1, keepdim=True)  # Dirichlet(1,1,2) via Gamma(1)+Gamma(1)
+    weights = mixture_weights(n, generator, device=device)
     parts = (
         pink_noise(n, 3, size, generator, device=device),
         modulated_noise(n, size, generator, device=device),
@@ -95,11 +107,12 @@ def marginal(n: int, size: int, generator: torch.Generator, device=None) -> Tens
     choice = torch.multinomial(torch.tensor(MARGINAL_PROBS, device=device), n, replacement=True,
                                generator=generator)
     candidates = torch.stack([
-        _imagenet_normalise(torch.rand(n, 3, size, size, generator=generator, device=device)),
+        normalize(torch.rand(n, 3, size, size, generator=generator, device=device), IMAGENET_MEAN, IMAGENET_STD),
         torch.randn(n, 3, size, size, generator=generator, device=device),
         pink_noise(n, 3, size, generator, device=device),
         linear_gradient(n, size, generator, device=device),
-        _imagenet_normalise(torch.rand(n, 3, 1, 1, generator=generator, device=device).expand(n, 3, size, size)),
+        normalize(torch.rand(n, 3, 1, 1, generator=generator, device=device).expand(n, 3, size, size),
+                  IMAGENET_MEAN, IMAGENET_STD),
     ])
     return candidates[choice, torch.arange(n, device=device)]
 
@@ -116,7 +129,7 @@ _GENERATOR_FUNCS = {
 @dataclass
 class SyntheticImages:
     """A seeded stream of ``count`` synthetic images of ``size × size``, normalised with the
-    target ``mean``/``std``."""
+    target ``mean``/``std``; :attr:`version` is the :data:`GENERATOR_VERSION` that made them."""
 
     count: int
     size: int
@@ -124,6 +137,7 @@ class SyntheticImages:
     seed: int = 0
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
+    version: ClassVar[int] = GENERATOR_VERSION
 
     def __post_init__(self) -> None:
         if self.generator not in GENERATORS:
@@ -141,9 +155,5 @@ class SyntheticImages:
         for start in range(0, self.count, batch_size):
             images = make(min(batch_size, self.count - start), self.size, rng, device=device)
             if renorm:
-                im_mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
-                im_std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
-                mean = torch.tensor(self.mean, device=device)[:, None, None]
-                std = torch.tensor(self.std, device=device)[:, None, None]
-                images = (images * im_std + im_mean - mean) / std
+                images = normalize(denormalize(images, IMAGENET_MEAN, IMAGENET_STD), self.mean, self.std)
             yield images
