@@ -1,33 +1,46 @@
-"""Reading images robustly and turning them into normalised tensors for a backbone.
+"""Reading images and annotations robustly.
 
-One reader for the whole project: every image goes through :func:`load_image`, every folder
-through :func:`list_images`, every model input through :class:`ImageTransform`. A dataset that
-meets an unreadable file records it in ``skipped`` and moves on, so a long job never loses its
-finished work to one bad image.
+One reader for the whole project: every image goes through :func:`load_image`, every mask or
+label map through :func:`read_annotation`, every folder through :func:`list_images`. Errors name
+the file; the token pipeline (:mod:`soapvit.features`) records unreadable files and moves on, so a
+long job never loses its finished work to one bad image.
+
+How :func:`load_image` turns a file into 8-bit RGB:
+
+- EXIF orientation is applied (the image as displayed);
+- 16-bit samples are scaled by their bit depth (``round(value / 257)``), never clipped; 32-bit
+  integer images are read as 16-bit when their values fit, floating-point images are refused;
+- alpha (RGBA, LA, palette or colour-key transparency) is composited over black: a pixel's colour is
+  multiplied by its opacity, so fully transparent pixels are black;
+- CMYK is converted without colour management; CMYK JPEGs are read with Adobe's inverted
+  polarity, as Pillow does for every CMYK JPEG;
+- an image with more than :data:`MAX_PIXELS` pixels is downscaled by an integer factor, JPEGs
+  while decoding (1/2 to 1/8), with a warning; a file that would need more than
+  :data:`MAX_DECODE_PIXELS` pixels decoded at once is skipped as a possible decompression bomb.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-from torch import Tensor
+from PIL import Image, ImageOps
 
 from ..errors import SoapvitError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
-
-RESAMPLING = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "lanczos": Image.Resampling.LANCZOS,
-    "nearest": Image.Resampling.NEAREST,
-}
+MAX_PIXELS = 2**25
+"""Most pixels of a returned image (e.g. 8192 × 4096); larger images are downscaled."""
+MAX_DECODE_PIXELS = 2**26
+"""Most pixels decoded at once (JPEGs count at their reduced decoding size); beyond: skipped."""
+SIXTEEN_BIT_MAX = 65535
+# What Pillow's decoders raise on corrupt, truncated or hostile files.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, ZeroDivisionError,
+                 struct.error, Image.DecompressionBombError)
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 
 
 class ImageReadError(SoapvitError):
@@ -41,7 +54,8 @@ class DataFolderError(SoapvitError):
 def list_images(folder: str | Path, limit: int | None = None, *, what: str = "--images",
                 recursive: bool = False) -> list[Path]:
     """Sorted image files inside ``folder`` (by extension; with ``recursive`` also in its
-    subfolders, e.g. ImageNet's class folders), at most ``limit``.
+    subfolders, e.g. ImageNet's class folders), at most ``limit``. Hidden files and folders
+    (names starting with ``.``, e.g. macOS ``._x.jpg`` resource forks) are left out.
 
     Raises :class:`DataFolderError` naming ``what`` if the folder is missing or has no images.
     """
@@ -51,31 +65,45 @@ def list_images(folder: str | Path, limit: int | None = None, *, what: str = "--
     if not folder.is_dir():
         raise DataFolderError(f"{what}: {folder} is not a folder")
     candidates = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
         raise DataFolderError(f"{what}: folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files[:limit] if limit else files
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully as RGB (grayscale, palette, CMYK and alpha are converted)."""
+    """Decode ``path`` as an 8-bit RGB image, as described in the module docstring.
+
+    Raises :class:`ImageReadError` naming the file and the reason for any unreadable file.
+    """
     try:
         with Image.open(path) as img:
+            stored = img.size
+            _draft_within_limit(img)
+            _check_decode_size(img)
             img.load()
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise ImageReadError(f"cannot read image {path}: {err}") from err
+            rgb = _to_rgb(ImageOps.exif_transpose(img))
+    except DECODE_ERRORS as err:
+        raise _read_error("image", path, err) from err
+    image = _downscale_to_limit(rgb)
+    if image.width * image.height < stored[0] * stored[1]:
+        warnings.warn(f"image {path} is {stored[0]}x{stored[1]}, more than {MAX_PIXELS} pixels (MAX_PIXELS): "
+                      f"downscaled to {image.width}x{image.height}", stacklevel=2)
+    return image
 
 
 def read_annotation(path: str | Path, size: tuple[int, int] | None = None, *, kind: str = "mask") -> Image.Image:
-    """Decode an annotation (saliency mask, label map) as stored, without colour conversion; if
-    ``size = (W, H)`` differs, resize with nearest neighbour and warn naming the file."""
+    """Decode an annotation (saliency mask, label map) as stored, without colour conversion
+    (EXIF orientation applied); if ``size = (W, H)`` differs, resize with nearest neighbour and
+    warn naming the file."""
     try:
         with Image.open(path) as img:
+            _check_decode_size(img)
             img.load()
-            annotation = img.copy()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise ImageReadError(f"cannot read {kind} {path}: {err}") from err
+            annotation = ImageOps.exif_transpose(img)
+    except DECODE_ERRORS as err:
+        raise _read_error(kind, path, err) from err
     if size is not None and annotation.size != size:
         warnings.warn(f"{kind} {path} is {annotation.size[0]}x{annotation.size[1]} but its image is "
                       f"{size[0]}x{size[1]}: resized with nearest neighbour", stacklevel=3)
@@ -83,99 +111,58 @@ def read_annotation(path: str | Path, size: tuple[int, int] | None = None, *, ki
     return annotation
 
 
-def round_to_multiple(value: float, multiple: int) -> int:
-    """Nearest positive multiple of ``multiple``."""
-    return max(multiple, int(round(value / multiple)) * multiple)
+def _read_error(kind: str, path: str | Path, err: BaseException) -> ImageReadError:
+    reason = " ".join(str(err).split()) or type(err).__name__
+    return ImageReadError(f"cannot read {kind} {path}: {reason}")
 
 
-@dataclass(frozen=True)
-class ImageTransform:
-    """PIL image → normalised ``(3, H, W)`` float tensor with H, W multiples of the patch size.
-
-    Modes:
-      - ``"square"``: resize to ``size × size`` (``size`` rounded to a multiple of the patch);
-      - ``"aspect"``: keep the aspect ratio; if ``size`` is given, scale so the shorter side is
-        ``size``; then resize each side to its nearest multiple of the patch (TokenCut style).
-    """
-
-    mean: Sequence[float]
-    std: Sequence[float]
-    patch_size: int
-    size: int | None = 224
-    mode: str = "square"
-    resample: str = "bicubic"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("square", "aspect"):
-            raise ValueError(f"image mode must be 'square' or 'aspect', not {self.mode!r}")
-        if self.resample not in RESAMPLING:
-            raise ValueError(f"resample must be one of {sorted(RESAMPLING)}, not {self.resample!r}")
-        if self.mode == "square" and not self.size:
-            raise ValueError("square mode needs an image size")
-
-    def output_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) the image is resized to."""
-        p = self.patch_size
-        if self.mode == "square":
-            side = round_to_multiple(self.size, p)
-            return side, side
-        if self.size:
-            scale = self.size / min(width, height)
-            width, height = width * scale, height * scale
-        return round_to_multiple(width, p), round_to_multiple(height, p)
-
-    def __call__(self, image: Image.Image) -> Tensor:
-        size = self.output_size(*image.size)
-        if size != image.size:
-            image = image.resize(size, RESAMPLING[self.resample])
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(array).permute(2, 0, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return (tensor - mean) / std
-
-    @classmethod
-    def for_backbone(cls, backbone, size: int | None = None, mode: str = "square", resample: str = "bicubic"):
-        """The transform a backbone expects (its mean/std/patch size); ``size`` defaults to the
-        backbone's training resolution."""
-        return cls(
-            mean=backbone.image_mean,
-            std=backbone.image_std,
-            patch_size=backbone.patch_size,
-            size=size if size is not None else (backbone.image_size if mode == "square" else None),
-            mode=mode,
-            resample=resample,
-        )
+def _reduction_factor(width: int, height: int, limit: int) -> int:
+    """Smallest integer ``f`` with ``ceil(width / f) · ceil(height / f) <= limit``."""
+    factor = max(1, math.isqrt(width * height // limit))
+    while math.ceil(width / factor) * math.ceil(height / factor) > limit:
+        factor += 1
+    return factor
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images of a list of files, transformed; unreadable files yield ``None`` and are named in
-    :attr:`skipped` (main process) and by a warning."""
-
-    def __init__(self, files: Sequence[Path], transform: ImageTransform) -> None:
-        self.files = list(files)
-        self.transform = transform
-        self.skipped: list[Path] = []
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        try:
-            return self.transform(load_image(self.files[index])), index
-        except ImageReadError as err:
-            warnings.warn(str(err), stacklevel=2)
-            return None
+def _draft_within_limit(img: Image.Image) -> None:
+    """Let a JPEG above :data:`MAX_PIXELS` decode at 1/2, 1/4 or 1/8 scale (bounded memory)."""
+    factor = _reduction_factor(*img.size, MAX_PIXELS)
+    if factor > 1 and img.format == "JPEG":
+        img.draft(img.mode, (math.ceil(img.width / factor), math.ceil(img.height / factor)))
 
 
-def collate_skipping(batch):
-    """Collate ``(tensor, index)`` pairs, dropping ``None`` (unreadable) items.
+def _check_decode_size(img: Image.Image) -> None:
+    if img.width * img.height > MAX_DECODE_PIXELS:
+        raise Image.DecompressionBombError(
+            f"{img.width}x{img.height} pixels to decode, more than MAX_DECODE_PIXELS = {MAX_DECODE_PIXELS}: "
+            "skipped as a possible decompression bomb")
 
-    Returns ``(pixels or None, indices)``; ``pixels`` is ``None`` when every item failed.
-    Items of different sizes cannot be stacked: use batch size 1 or a square transform.
-    """
-    good = [item for item in batch if item is not None]
-    if not good:
-        return None, torch.zeros(0, dtype=torch.long)
-    pixels = torch.stack([item[0] for item in good])
-    return pixels, torch.tensor([item[1] for item in good], dtype=torch.long)
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith("I"):
+        return _sixteen_bit_to_rgb(img)
+    if img.mode == "F":
+        raise ValueError("floating-point pixels have no defined 8-bit range")
+    if "transparency" in img.info:  # palette or colour-key transparency
+        img = img.convert("RGBA")
+    if img.mode in ALPHA_MODES:
+        return _over_black(img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale ``I;16*`` (or ``I`` with values in 0…65535) → RGB, ``round(value / 257)``."""
+    values = np.asarray(img).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > SIXTEEN_BIT_MAX):
+        raise ValueError(f"{img.mode} pixels span {values.min()}..{values.max()}, outside 16 bits: unknown bit depth")
+    gray = ((values * 255 + SIXTEEN_BIT_MAX // 2) // SIXTEEN_BIT_MAX).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
+
+
+def _over_black(rgba: Image.Image) -> Image.Image:
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+
+
+def _downscale_to_limit(img: Image.Image) -> Image.Image:
+    factor = _reduction_factor(*img.size, MAX_PIXELS)
+    return img.reduce(factor) if factor > 1 else img
