@@ -88,7 +88,7 @@ def _relative_depth(head: SoapHead, block: int) -> float:
 
 def removed_components(head: SoapHead) -> list[int]:
     """Components (descending-eigenvalue index) the head removes: weight > 0.5 at its block."""
-    return (head.blocks[head.apply_layer].weights > 0.5).nonzero().flatten().tolist()
+    return (head.blocks[head.apply_block].weights > 0.5).nonzero().flatten().tolist()
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def si_small_multiples(head: SoapHead) -> str:
         si = np.sort(head.blocks[b].si.numpy())[::-1]
         ax.plot(np.arange(1, len(si) + 1), si, lw=1.2)
         ax.axhline(SI_THRESHOLD, color="grey", lw=0.8, ls=":")
-        marker = " (head)" if b == head.apply_layer else ""
+        marker = " (head)" if b == head.apply_block else ""
         ax.set_title(f"block {b}{marker}: max {si[0]:.2f}, {int((si >= SI_THRESHOLD).sum())} ≥ {SI_THRESHOLD}", fontsize=8)
         ax.set_ylim(0, 1.02)
     for ax in axes.flat[len(blocks):]:
@@ -148,7 +148,7 @@ def position_share_map(head: SoapHead, count: int = 24) -> str:
 def removed_response_maps(head: SoapHead, components: Sequence[int]) -> str:
     """For each removed component: response probability per position on real (P) and on
     synthetic (Q) images."""
-    d = head.blocks[head.apply_layer]
+    d = head.blocks[head.apply_block]
     fig, axes = plt.subplots(2, len(components), figsize=(2.3 * len(components), 4.6), squeeze=False)
     for j, c in enumerate(components):
         for i, (maps, name) in enumerate(((d.p_real, "real P"), (d.q_synthetic, "synthetic Q"))):
@@ -165,18 +165,12 @@ def _png_file_uri(path: Path) -> str:
 
 
 # -- evaluations --------------------------------------------------------------------------------
-def evaluation_variants(payload: Mapping) -> dict[str, dict[str, float]]:
-    """Variant → numeric metrics of an evaluation JSON: its ``"results"`` mapping, or, for files
-    with the original tokens' metrics at the top level, those (restricted to the keys of
-    ``"soap"`` when present, leaving out run statistics) plus ``"soap"``. Non-numeric entries
-    (per-class tables, per-image examples, settings) are left out."""
+def evaluation_variants(payload: Mapping, name: str = "evaluation") -> dict[str, dict[str, float]]:
+    """Variant → numeric metrics from the ``"results"`` mapping of a ``soapvit eval … --out`` JSON.
+    Non-numeric entries (per-class tables, per-image examples) are left out."""
     results = payload.get("results")
     if not isinstance(results, Mapping):
-        soap = payload.get("soap")
-        if isinstance(soap, Mapping):
-            results = {"original": {k: payload[k] for k in soap if k in payload}, "soap": soap}
-        else:
-            results = {"original": payload}
+        raise SoapvitError(f"{name} has no 'results' mapping: not a file written by soapvit eval --out")
     return {
         variant: {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         for variant, metrics in results.items() if isinstance(metrics, Mapping)
@@ -199,11 +193,18 @@ def _evaluation_table(name: str, variants: Mapping[str, Mapping[str, float]]) ->
 
 
 # -- page parts ---------------------------------------------------------------------------------
+def _skipped_entry(entry) -> str:
+    """A skipped file as ``name (reason)``; entries are ``{"file", "reason"}`` or plain paths."""
+    if isinstance(entry, Mapping):
+        return f"{Path(str(entry.get('file', '?'))).name} ({entry.get('reason', 'no reason recorded')})"
+    return Path(str(entry)).name
+
+
 def _card(head: SoapHead) -> str:
     meta = head.metadata
-    d = head.blocks[head.apply_layer]
+    d = head.blocks[head.apply_block]
     top = int(d.si.argmax())
-    skipped = meta.get("skipped")
+    skipped = [_skipped_entry(s) for s in meta["skipped"]] if "skipped" in meta else None
     mu = meta.get("mu", "not recorded")
     entries = {
         "backbone": meta.get("backbone", "not recorded"),
@@ -214,9 +215,10 @@ def _card(head: SoapHead) -> str:
         "τ": meta.get("tau", "not recorded"),
         "image size": f"{meta['image_size']} px" if "image_size" in meta else "not recorded",
         "skipped files": "not recorded" if skipped is None else (
-            f"{len(skipped)}: " + ", ".join(Path(str(s)).name for s in skipped) if skipped else "none"),
-        "head applies to block": head.apply_layer,
-        f"max SI at block {head.apply_layer}": f"{d.si.max().item():.3f} (PC{top + 1})",
+            f"{len(skipped)}: " + "; ".join(skipped) if skipped else "none"),
+        "warnings": "; ".join(map(str, meta["warnings"])) or "none" if "warnings" in meta else "not recorded",
+        "head applies to block": head.apply_block,
+        f"max SI at block {head.apply_block}": f"{d.si.max().item():.3f} (PC{top + 1})",
         "removed components": ", ".join(f"PC{c + 1}" for c in removed_components(head)) or "none",
     }
     rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in entries.items())
@@ -228,7 +230,7 @@ def _block_table(head: SoapHead) -> str:
     for b, d in sorted(head.blocks.items()):
         top = int(d.si.argmax())
         removed = " ".join(f"PC{c + 1}" for c in (d.weights > 0.5).nonzero().flatten().tolist()) or "–"
-        rows.append(f'<tr><th scope="row">{b}{" (head)" if b == head.apply_layer else ""}</th>'
+        rows.append(f'<tr><th scope="row">{b}{" (head)" if b == head.apply_block else ""}</th>'
                     f"<td>{d.si.max().item():.3f}</td><td>PC{top + 1}</td>"
                     f"<td>{int((d.si >= SI_THRESHOLD).sum())}</td><td>{d.position_share[top].item():.0%}</td>"
                     f"<td>{removed}</td></tr>")
@@ -265,11 +267,11 @@ def _head_section(index: int, label: str, head: SoapHead, backbone, images: Sequ
     if removed:
         responses = _figure(
             removed_response_maps(head, removed), f"response maps of the removed components of {label}",
-            f"Block {head.apply_layer}: probability that each removed component responds at each patch position, "
+            f"Block {head.apply_block}: probability that each removed component responds at each patch position, "
             "on real images (top) and synthetic non-semantic images (bottom). Look for the same spatial pattern "
             "in both rows: a component that responds alike to images without semantics is noise.")
     else:
-        responses = f'<p>The head removes no component at block {head.apply_layer} (no weight &gt; 0.5).</p>'
+        responses = f'<p>The head removes no component at block {head.apply_block} (no weight &gt; 0.5).</p>'
     parts = [
         f'<h2 id="{anchor}">Model: {html.escape(label)}</h2>',
         f'<h3 id="{anchor}-card">{HEAD_SECTIONS[0]}</h3>', _card(head),
@@ -308,9 +310,10 @@ def _evaluation_section(evaluations: Sequence[Path]) -> str:
     parts = [f'<section aria-labelledby="evaluations"><h2 id="evaluations">{PAGE_SECTIONS[1]}</h2>']
     if not evaluations:
         parts.append('<p class="muted">No evaluation files given (<code>--eval</code>).</p>')
-    for path in evaluations:
-        variants = evaluation_variants(json.loads(Path(path).read_text()))
-        parts.append(_evaluation_table(Path(path).name, variants))
+    for path in map(Path, evaluations):
+        payload = json.loads(path.read_text())
+        title = f"{path.name} ({payload['kind']})" if "kind" in payload else path.name
+        parts.append(_evaluation_table(title, evaluation_variants(payload, path.name)))
     parts.append("<p>Metrics as written by <code>soapvit eval</code> (percent where the evaluation reports "
                  "percent); one row per variant of the tokens.</p></section>")
     return "".join(parts)
@@ -324,12 +327,13 @@ def render_report(heads: Mapping[str, SoapHead], evaluations: Sequence[Path] = (
         raise SoapvitError("a report needs at least one head")
     backbones = backbones or {}
     labels = list(heads)
+    evaluation = _evaluation_section(evaluations)  # first: a bad file fails before any figure is drawn
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         body = [_comparison_section(heads, workdir)]
         body += [_head_section(i, label, heads[label], backbones.get(label), images, workdir / str(i))
                  for i, label in enumerate(labels)]
-        body.append(_evaluation_section(evaluations))
+    body.append(evaluation)
     toc = ['<li><a href="#compared">Models compared</a></li>']
     toc += [f'<li><a href="#model-{i}">Model: {html.escape(label)}</a></li>' for i, label in enumerate(labels)]
     toc.append('<li><a href="#evaluations">Evaluations</a></li>')
