@@ -197,7 +197,8 @@ def demo_command(
     device: Annotated[str | None, typer.Option(help="Device (default: auto).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
 ) -> None:
-    """Offline demo: fit SOAP on the bundled sample for every block, explain, and plot."""
+    """Offline demo: fit SOAP on the bundled sample for every block, explain, plot, and write the
+    HTML report."""
     images = sample_images_folder()
     head_path = out / "head.safetensors"
     console.print(f"[bold]soapvit demo[/]: {model} on {len(list(images.glob('*.jpg')))} bundled ImageNet images "
@@ -215,6 +216,10 @@ def demo_command(
         highlight=False,
     )
     from ..plots import render_head_figures
+    from ..report import write_report
 
     for p in render_head_figures(head, out, backbone, sorted(images.glob("*.jpg"))[:4]):
         console.print(f"wrote {p}")
+    page = write_report({model: head}, out / "report.html", images=sorted(images.glob("*.jpg"))[:3],
+                        backbones={model: backbone})
+    console.print(f"wrote {page}: open it in a browser")
