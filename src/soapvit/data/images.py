@@ -25,6 +25,7 @@ import math
 import struct
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -72,11 +73,13 @@ def list_images(folder: str | Path, limit: int | None = None, *, what: str = "--
     return files[:limit] if limit else files
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode ``path`` as an 8-bit RGB image, as described in the module docstring.
+def load_image(path: str | Path | BinaryIO, *, name: str | None = None) -> Image.Image:
+    """Decode ``path`` (a file or an open binary stream) as an 8-bit RGB image, as described in
+    the module docstring; messages call it ``name`` (default: ``path``).
 
     Raises :class:`ImageReadError` naming the file and the reason for any unreadable file.
     """
+    name = name or str(path)
     try:
         with Image.open(path) as img:
             stored = img.size
@@ -85,10 +88,10 @@ def load_image(path: str | Path) -> Image.Image:
             img.load()
             rgb = _to_rgb(ImageOps.exif_transpose(img))
     except DECODE_ERRORS as err:
-        raise _read_error("image", path, err) from err
+        raise _read_error("image", name, err) from err
     image = _downscale_to_limit(rgb)
     if image.width * image.height < stored[0] * stored[1]:
-        warnings.warn(f"image {path} is {stored[0]}x{stored[1]}, more than {MAX_PIXELS} pixels (MAX_PIXELS): "
+        warnings.warn(f"image {name} is {stored[0]}x{stored[1]}, more than {MAX_PIXELS} pixels (MAX_PIXELS): "
                       f"downscaled to {image.width}x{image.height}", stacklevel=2)
     return image
 

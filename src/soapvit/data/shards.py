@@ -2,7 +2,8 @@
 
 :func:`load_labelled_shards` decodes every sample of a split into one uint8 tensor in memory,
 which is what training and probing on small datasets want (30,000 Tiny-ImageNet images are
-about 370 MB).
+about 370 MB). A sample is kept only when both its label and its image are readable, so a bad
+sample never shifts the labels of the others; skipped samples are named in one warning.
 """
 
 from __future__ import annotations
@@ -10,13 +11,19 @@ from __future__ import annotations
 import io
 import tarfile
 import warnings
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .images import DataFolderError
+from .images import DataFolderError, ImageReadError, load_image
+
+IMAGE_PARTS = ("jpg", "jpeg", "png")
+LABEL_PART = "cls"
+SHOWN_SKIPS = 5
 
 
 def shard_files(folder: str | Path, split: str, *, what: str = "--data") -> list[Path]:
@@ -33,43 +40,90 @@ def shard_files(folder: str | Path, split: str, *, what: str = "--data") -> list
 def load_labelled_shards(
     folder: str | Path, split: str, *, size: int | None = None, limit: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All samples of ``split``: images ``(N, 3, H, W)`` uint8 and labels ``(N,)`` int64.
+    """The first ``limit`` (default: all) readable samples of ``split``: images ``(N, 3, H, W)``
+    uint8 and labels ``(N,)`` int64.
 
-    Images are resized to ``size × size`` when given (they must share one size otherwise).
-    Samples whose image cannot be decoded or that lack a label are skipped with one warning.
+    Images are resized to ``size × size`` when given; otherwise they must share one size.
+    A sample without a non-negative integer label or a decodable image is skipped; a damaged
+    archive keeps the samples before the damage. Both are named in one warning.
     """
     images: list[np.ndarray] = []
     labels: list[int] = []
-    bad: list[str] = []
-    for shard in shard_files(folder, split):
-        pending: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(shard, "r:*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.rpartition(".")
-                pending.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-        for key, parts in pending.items():
-            img_bytes = parts.get("jpg") or parts.get("jpeg") or parts.get("png")
-            if img_bytes is None or "cls" not in parts:
-                bad.append(f"{shard.name}:{key}")
-                continue
-            try:
-                with Image.open(io.BytesIO(img_bytes)) as img:
-                    img = img.convert("RGB")
-                    if size is not None and img.size != (size, size):
-                        img = img.resize((size, size), Image.Resampling.BICUBIC)
-                    images.append(np.asarray(img, dtype=np.uint8))
-                labels.append(int(parts["cls"].decode().strip()))
-            except (OSError, ValueError) as err:
-                bad.append(f"{shard.name}:{key} ({err})")
-            if limit and len(labels) >= limit:
-                break
+    skipped: list[str] = []
+    for name, parts in _samples(shard_files(folder, split), skipped):
+        try:
+            label = _label(parts)
+            image = _image(parts, name, size)
+        except ImageReadError as err:
+            skipped.append(str(err))
+            continue
+        except ValueError as err:
+            skipped.append(f"{name}: {err}")
+            continue
+        if images and image.shape != images[0].shape:
+            raise DataFolderError(f"sample {name} is {image.shape[1]}x{image.shape[0]} but the first of '{split}' in "
+                                  f"{folder} is {images[0].shape[1]}x{images[0].shape[0]}: give an image size")
+        images.append(image)
+        labels.append(label)
         if limit and len(labels) >= limit:
             break
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable sample(s): {', '.join(bad[:5])}", stacklevel=2)
+    if skipped:
+        more = f" and {len(skipped) - SHOWN_SKIPS} more" if len(skipped) > SHOWN_SKIPS else ""
+        warnings.warn(f"skipped {len(skipped)} unreadable sample(s) of the '{split}' shards in {folder}: "
+                      f"{'; '.join(skipped[:SHOWN_SKIPS])}{more}", stacklevel=2)
     if not images:
         raise DataFolderError(f"no readable samples in the '{split}' shards of {folder}")
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return stacked, torch.tensor(labels, dtype=torch.long)
+
+
+def _samples(shards: list[Path], skipped: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``("shard:key", {extension: bytes})`` of every sample, shard by shard."""
+    for shard in shards:
+        for key, parts in _read_shard(shard, skipped):
+            yield f"{shard.name}:{key}", parts
+
+
+def _read_shard(shard: Path, skipped: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of one shard as they are read (a sample's members are consecutive, as in
+    webdataset); a damaged archive ends with the last complete sample before the damage."""
+    key, parts, count = None, {}, 0
+    try:
+        with tarfile.open(shard, "r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name, _, ext = member.name.rpartition(".")
+                if name != key and parts:
+                    yield key, parts
+                    count, parts = count + 1, {}
+                key = name
+                parts[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        skipped.append(f"{shard.name}: unreadable after {count} samples ({err})")
+        return
+    if parts:
+        yield key, parts
+
+
+def _label(parts: dict[str, bytes]) -> int:
+    if LABEL_PART not in parts:
+        raise ValueError(f"no .{LABEL_PART} label")
+    text = parts[LABEL_PART].decode("utf-8", errors="replace").strip()
+    try:
+        label = int(text)
+    except ValueError:
+        raise ValueError(f"label {text[:20]!r} is not an integer") from None
+    if label < 0:
+        raise ValueError(f"label {label} is negative")
+    return label
+
+
+def _image(parts: dict[str, bytes], name: str, size: int | None) -> np.ndarray:
+    data = next((parts[ext] for ext in IMAGE_PARTS if ext in parts), None)
+    if data is None:
+        raise ValueError(f"no {'/'.join('.' + ext for ext in IMAGE_PARTS)} image")
+    image = load_image(io.BytesIO(data), name=name)
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
