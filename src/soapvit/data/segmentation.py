@@ -13,6 +13,7 @@ Layouts (``layout="auto"`` picks by the path):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,11 +54,18 @@ class SegmentationSplit:
 
     def load_labels(self, sample: SegmentationSample, size: tuple[int, int] | None = None) -> np.ndarray:
         """Label map ``(H, W)`` int64 in this split's convention; resized (nearest, with a warning)
-        when ``size = (W, H)`` differs."""
-        labels = read_label_map(sample.label, size)
-        if self.layout == "ade20k":
-            labels = np.where(labels == 0, self.ignore_index, labels - 1)
-        return labels
+        when ``size = (W, H)`` differs. Class ids outside the split's classes (other than the
+        ignore index) become the ignore index, with a warning giving their share of pixels."""
+        stored = read_label_map(sample.label, size)
+        labels = np.where(stored == 0, self.ignore_index, stored - 1) if self.layout == "ade20k" else stored
+        unknown = ((labels < 0) | (labels >= self.num_classes)) & (labels != self.ignore_index)
+        if unknown.any():
+            ids = np.unique(stored[unknown])
+            shown = ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
+            warnings.warn(f"label map {sample.label}: {unknown.mean():.2%} of the pixels have class ids ({shown}) "
+                          f"outside the {self.num_classes} classes of the {self.layout} layout: counted as "
+                          f"ignored ({self.ignore_index})", stacklevel=2)
+        return np.where(unknown, self.ignore_index, labels)
 
     @classmethod
     def open(cls, path: str | Path, *, layout: str = "auto", ignore_index: int | None = None,
@@ -90,7 +98,7 @@ class SegmentationSplit:
 def read_label_map(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """Class indices of a label PNG (grayscale or palette; never colour-converted)."""
     label = read_annotation(path, size, kind="label map")
-    if label.mode not in ("L", "P", "I", "I;16"):
+    if label.mode not in ("L", "P", "I") and not label.mode.startswith("I;16"):
         raise ImageReadError(f"label map {path} has mode {label.mode}: expected class indices (L or P mode)")
     return np.asarray(label).astype(np.int64)
 
