@@ -1,6 +1,6 @@
 """Pre-training of native ViTs: masked image modelling (SimMIM-style, MAE, SemanticMIM with
-pixel or HOG targets), supervised classification, DINO and iBOT; trainer with
-checkpoint/resume and export to zoo backbones."""
+pixel or HOG targets, and iBOT: DINO plus masked patch distillation), supervised
+classification and DINO; trainer with checkpoint/resume and export to zoo backbones."""
 
 from .trainer import (
     MIM_OBJECTIVES,

@@ -249,7 +249,7 @@ def train(
 def export_backbone(checkpoint: str | Path, path: str | Path, card: dict[str, Any] | None = None) -> Path:
     """Write the trained encoder of a training checkpoint as an fp16 zoo safetensors file;
     the card gets the objective and recipe."""
-    state = load_checkpoint(checkpoint, "checkpoint")
+    state = load_checkpoint(checkpoint, "export")
     config = TrainConfig(**state["train_config"])
     model = build_objective(config, state["num_classes"])
     model.load_state_dict(state["model"])
