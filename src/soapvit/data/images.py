@@ -10,13 +10,14 @@ How :func:`load_image` turns a file into 8-bit RGB:
 - EXIF orientation is applied (the image as displayed);
 - 16-bit samples are scaled by their bit depth (``round(value / 257)``), never clipped; 32-bit
   integer images are read as 16-bit when their values fit, floating-point images are refused;
-- alpha (RGBA, LA, palette or colour-key transparency) is composited over black: a pixel's colour is
-  multiplied by its opacity, so fully transparent pixels are black;
+- alpha (RGBA, LA, palette or colour-key transparency) is composited over black: a pixel's
+  colour is multiplied by its opacity, so fully transparent pixels are black;
 - CMYK is converted without colour management; CMYK JPEGs are read with Adobe's inverted
   polarity, as Pillow does for every CMYK JPEG;
 - an image with more than :data:`MAX_PIXELS` pixels is downscaled by an integer factor, JPEGs
   while decoding (1/2 to 1/8), with a warning; a file that would need more than
-  :data:`MAX_DECODE_PIXELS` pixels decoded at once is skipped as a possible decompression bomb.
+  :data:`MAX_DECODE_PIXELS` pixels decoded at once (annotations too) is skipped as a possible
+  decompression bomb, as is one beyond Pillow's own limit (``Image.MAX_IMAGE_PIXELS``, twice).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def load_image(path: str | Path | BinaryIO, *, name: str | None = None) -> Image
             _draft_within_limit(img)
             _check_decode_size(img)
             img.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(img))
+            ImageOps.exif_transpose(img, in_place=True)
+            rgb = _to_rgb(img)
     except DECODE_ERRORS as err:
         raise _read_error("image", name, err) from err
     image = _downscale_to_limit(rgb)
