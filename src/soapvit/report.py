@@ -136,11 +136,11 @@ def position_share_map(head: SoapHead, count: int = 24) -> str:
     fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * count + 2), 0.3 * len(blocks) + 1.6))
     image = ax.imshow(share, vmin=0, vmax=1, cmap="magma", aspect="auto")
     rows, cols = np.nonzero(high)
-    ax.scatter(cols, rows, s=10, c="cyan", edgecolors="black", linewidths=0.4, label=f"SI ≥ {SI_THRESHOLD}")
+    ax.scatter(cols, rows, s=10, c="cyan", edgecolors="black", linewidths=0.4)
     ax.set_xticks(range(count), [f"{c + 1}" for c in range(count)], fontsize=7)
     ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
-    ax.set(xlabel="principal component (descending eigenvalue)", ylabel="block")
-    ax.legend(loc="upper right", bbox_to_anchor=(1, 1.18), fontsize=7, frameon=False)
+    ax.set(xlabel="principal component (descending eigenvalue)", ylabel="block",
+           title=f"variance share from patch position (dots: SI ≥ {SI_THRESHOLD})")
     fig.colorbar(image, ax=ax, label="variance share from position", fraction=0.04)
     return _figure_uri(fig)
 
