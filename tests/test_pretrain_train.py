@@ -1,13 +1,10 @@
 """Trainer: a few steps of every objective on a tiny model lower the loss; checkpoint →
 resume reproduces the uninterrupted run; export → zoo-style backbone; the CLI; unsafe checkpoints."""
 
-import io
-import tarfile
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from pretrain_helpers import toy_images, write_shards
 
 from soapvit.backbones.vit import VisionTransformerBackbone, read_card
 from soapvit.cli import main
@@ -26,19 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def toy_images(n=32, size=16, classes=4, seed=0):
-    """Class = colour and stripe orientation, plus noise: learnable structure for every objective."""
-    g = np.random.default_rng(seed)
-    labels = np.arange(n) % classes
-    yy, xx = np.mgrid[:size, :size]
-    imgs = []
-    for c in labels:
-        stripes = np.sin((xx if c % 2 else yy) * (1 + c) * 0.8)
-        rgb = np.stack([stripes * (1 if k == c % 3 else 0.3) for k in range(3)])
-        imgs.append(np.clip(127 + 90 * rgb + g.normal(0, 12, rgb.shape), 0, 255))
-    return torch.tensor(np.stack(imgs), dtype=torch.uint8), torch.tensor(labels)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -92,18 +76,6 @@ def test_export_writes_a_backbone_with_card(tmp_path):
     feats = backbone.forward_features(torch.randn(1, 3, 16, 16), "all", attentions=[1])
     assert feats.tokens[1].shape == (1, 4, 4, 32) and feats.prefix[0].shape == (1, 8, 32)
     assert not any(k.startswith("reconstruction") for k in backbone.vit.state_dict())
-
-
-def write_shards(folder, images, labels):
-    folder.mkdir()
-    with tarfile.open(folder / "train-000000.tar", "w") as tar:
-        for i, (img, lab) in enumerate(zip(images, labels)):
-            buf = io.BytesIO()
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
-            for name, data in ((f"{i:04d}.png", buf.getvalue()), (f"{i:04d}.cls", str(int(lab)).encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def test_cli_pretrain_resume_and_export(tmp_path, capsys, run_cli):
