@@ -103,7 +103,8 @@ def si_small_multiples(head: SoapHead) -> str:
         ax.plot(np.arange(1, len(si) + 1), si, lw=1.2)
         ax.axhline(SI_THRESHOLD, color="grey", lw=0.8, ls=":")
         marker = " (head)" if b == head.apply_block else ""
-        ax.set_title(f"block {b}{marker}: max {si[0]:.2f}, {int((si >= SI_THRESHOLD).sum())} ≥ {SI_THRESHOLD}", fontsize=8)
+        above = int((si >= SI_THRESHOLD).sum())
+        ax.set_title(f"block {b}{marker}: max {si[0]:.2f}, {above} ≥ {SI_THRESHOLD}", fontsize=8)
         ax.set_ylim(0, 1.02)
     for ax in axes.flat[len(blocks):]:
         ax.set_axis_off()
