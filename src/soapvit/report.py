@@ -86,9 +86,11 @@ def _relative_depth(head: SoapHead, block: int) -> float:
     return (block + 1) / depth
 
 
-def removed_components(head: SoapHead) -> list[int]:
-    """Components (descending-eigenvalue index) the head removes: weight > 0.5 at its block."""
-    return (head.blocks[head.apply_block].weights > 0.5).nonzero().flatten().tolist()
+def removed_components(head: SoapHead, block: int | None = None) -> list[int]:
+    """Components (descending-eigenvalue index) with weight > 0.5 at ``block`` (default: the
+    block the head applies to, i.e. the components it removes)."""
+    weights = head.blocks[head.apply_block if block is None else block].weights
+    return (weights > 0.5).nonzero().flatten().tolist()
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -217,7 +219,7 @@ def _card(head: SoapHead) -> str:
         "image size": f"{meta['image_size']} px" if "image_size" in meta else "not recorded",
         "skipped files": "not recorded" if skipped is None else (
             f"{len(skipped)}: " + "; ".join(skipped) if skipped else "none"),
-        "warnings": "; ".join(map(str, meta["warnings"])) or "none" if "warnings" in meta else "not recorded",
+        "warnings": ("; ".join(map(str, meta["warnings"])) or "none") if "warnings" in meta else "not recorded",
         "head applies to block": head.apply_block,
         f"max SI at block {head.apply_block}": f"{d.si.max().item():.3f} (PC{top + 1})",
         "removed components": ", ".join(f"PC{c + 1}" for c in removed_components(head)) or "none",
@@ -230,7 +232,7 @@ def _block_table(head: SoapHead) -> str:
     rows = []
     for b, d in sorted(head.blocks.items()):
         top = int(d.si.argmax())
-        removed = " ".join(f"PC{c + 1}" for c in (d.weights > 0.5).nonzero().flatten().tolist()) or "–"
+        removed = " ".join(f"PC{c + 1}" for c in removed_components(head, b)) or "–"
         rows.append(f'<tr><th scope="row">{b}{" (head)" if b == head.apply_block else ""}</th>'
                     f"<td>{d.si.max().item():.3f}</td><td>PC{top + 1}</td>"
                     f"<td>{int((d.si >= SI_THRESHOLD).sum())}</td><td>{d.position_share[top].item():.0%}</td>"
@@ -251,10 +253,14 @@ def _token_maps(head: SoapHead, label: str, backbone, images: Sequence[Path], wo
 
         try:
             backbone = load(head.metadata["backbone"])
-        except (KeyError, ImportError, OSError, SoapvitError) as err:
+        except KeyError:
+            return '<p class="muted">The head records no backbone: token maps not drawn.</p>'
+        except (ImportError, OSError, SoapvitError) as err:
             return f'<p class="muted">Backbone not available, token maps not drawn: {html.escape(str(err))}</p>'
     paths = render_head_figures(head, workdir, backbone, images, label=label)
-    token_maps = next(p for p in paths if p.name == "token_maps.png")
+    token_maps = next((p for p in paths if p.name == "token_maps.png"), None)
+    if token_maps is None:
+        return '<p class="muted">None of the images could be read: token maps not drawn.</p>'
     return _figure(
         _png_file_uri(token_maps), f"token maps of {label} before and after the head",
         "Per image: the image, the first three principal components of its tokens as RGB before and after "
