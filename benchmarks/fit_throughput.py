@@ -14,18 +14,19 @@ import time
 import torch
 
 from soapvit.backbones import load
-from soapvit.data.images import ImageTransform, list_images
+from soapvit.data.images import list_images
+from soapvit.data.sources import ImageFiles
 from soapvit.data.synthetic import SyntheticImages
-from soapvit.features import encode, iter_batches, resolve_device
-from soapvit.fitting import default_workers, fit
+from soapvit.data.transforms import ImageTransform
+from soapvit.features import encode, iter_tokens, resolve_device
+from soapvit.fitting import fit
 
 
 def forward_only(backbone, files, synthetic, transform, batch_size, device) -> float:
     """Seconds to decode and encode the same images, last block only, nothing accumulated."""
     start = time.perf_counter()
-    for pixels, _ in iter_batches(files, transform, batch_size=batch_size, device=device,
-                                  num_workers=default_workers(device)):
-        encode(backbone, pixels)
+    for _ in iter_tokens(backbone, ImageFiles(files), transform, batch_size=batch_size):
+        pass
     for pixels in synthetic.batches(batch_size, device):
         encode(backbone, pixels)
     if device.type == "cuda":

@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from soapvit.aggregate import ProbeConfig, load_labelled, run_probe
+from soapvit.aggregate import ProbeConfig, run_probe
+from soapvit.data.labelled import load_labelled
 from soapvit.backbones import load
 
 
@@ -45,12 +46,12 @@ def main() -> None:
           f"pools {args.pools}, {args.epochs} epochs, torch threads {args.threads}")
     print(f"{'run':<26}{'total s':>10}{'encode s':>10}{'train s':>10}{'parts reused':>14}  top-1 per pool")
     for label, seconds, run in rows:
-        train_s = sum(r.seconds for r in run.results)
-        accs = " ".join(f"{r.pool}={100 * r.top1:.1f}" for r in run.results)
-        print(f"{label:<26}{seconds:>10.1f}{run.encode_seconds:>10.1f}{train_s:>10.1f}"
-              f"{run.cache_parts_reused:>8}/{run.cache_parts:<5}  {accs}")
-    print(f"speed-up of the second run: {rows[0][1] / rows[1][1]:.1f}x "
-          f"(identical accuracies: {[r.top1 for r in rows[0][2].results] == [r.top1 for r in rows[1][2].results]})")
+        train_s = sum(r.seconds for r in run.rows())
+        accs = " ".join(f"{r.pool}={100 * r.top1:.1f}" for r in run.rows())
+        print(f"{label:<26}{seconds:>10.1f}{run.seconds['encode']:>10.1f}{train_s:>10.1f}"
+              f"{run.settings['cache_parts_reused']:>8}/{run.settings['cache_parts']:<5}  {accs}")
+    same = [r.top1 for r in rows[0][2].rows()] == [r.top1 for r in rows[1][2].rows()]
+    print(f"speed-up of the second run: {rows[0][1] / rows[1][1]:.1f}x (identical accuracies: {same})")
 
 
 if __name__ == "__main__":

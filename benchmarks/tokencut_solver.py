@@ -28,11 +28,11 @@ def real_features(args) -> list[tuple[torch.Tensor, tuple[int, int]]]:
 
     from soapvit.backbones import load
     from soapvit.data.images import list_images, load_image
-    from soapvit.eval.salient import TokenCutSettings
+    from soapvit.eval.salient import TokenCutConfig
     from soapvit.features import encode
 
     backbone = load(args.model, device="cpu")
-    transform = TokenCutSettings(features=args.features).transform(backbone)
+    transform = TokenCutConfig(features=args.features).image_transform(backbone)
     block = backbone.num_blocks - 1
     out = []
     for path in list_images(args.images, args.limit):

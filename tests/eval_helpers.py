@@ -24,7 +24,7 @@ class ColourBackbone(Backbone):
         self.key = nn.Parameter(torch.randn(dim, dim, generator=g) / dim**0.5)
         self.pos = nn.Parameter(torch.randn(2, dim, generator=g) * 0.05)
 
-    def _run(self, pixels, blocks, norm, keys, attentions):
+    def _run(self, pixels, blocks, norm, keys, attentions, edits):
         b, _, h, w = pixels.shape
         p = self.patch_size
         mean = nn.functional.avg_pool2d(pixels, p).flatten(2).transpose(1, 2)  # (B, N, 3)
@@ -36,7 +36,7 @@ class ColourBackbone(Backbone):
         return RawOutput(hidden=hidden, keys=x @ self.key if keys else None)
 
 
-def make_head(projector: torch.Tensor, apply_layer: int = 1) -> SoapHead:
+def make_head(projector: torch.Tensor, apply_block: int = 1) -> SoapHead:
     """A head whose projector is ``I − V diag(w) Vᵀ`` with V = I: ``w = 1 − diag(projector)``
     (only diagonal projectors are expressible this way, enough for tests)."""
     d = projector.shape[0]
@@ -47,7 +47,7 @@ def make_head(projector: torch.Tensor, apply_layer: int = 1) -> SoapHead:
 
     dec = BlockDecomposition(mean=zeros(), eigenvalues=zeros(), eigenvectors=eye, si=zeros(), weights=weights,
                              p_real=zeros(1, 1), q_synthetic=zeros(1, 1), position_share=zeros())
-    return SoapHead({apply_layer: dec}, apply_layer, {"backbone": "toy:colour"})
+    return SoapHead({apply_block: dec}, apply_block, {"backbone": "toy:colour"})
 
 
 def scene(rng, h, w):

@@ -9,15 +9,15 @@ import torch
 from PIL import Image
 from toy_backbone import ToyBackbone
 
-from soapvit.aggregate import AbMILPOptions, ProbeConfig, load_labelled, run_probe
+from soapvit.aggregate import AbMILPConfig, ProbeConfig, run_probe
 from soapvit.aggregate.attention import attention_profile, cls_attention_statistics
-from soapvit.aggregate.cache import TokenCache, encode_images
-from soapvit.aggregate.datasets import LabelledImages, to_pixels
+from soapvit.aggregate.cache import TokenCache, encode_images, soap_corrected
 from soapvit.aggregate.heads import ProbeClassifier, make_pool
-from soapvit.aggregate.probe import soap_corrected
 from soapvit.aggregate.train import train_probe
 from soapvit.backbones.registry import register_source
 from soapvit.backbones.vit import ViTConfig, VisionTransformerBackbone
+from soapvit.data.labelled import LabelledImages, load_labelled
+from soapvit.data.transforms import ImageTransform
 from soapvit.errors import SoapvitError
 from soapvit.features import encode
 from soapvit.fitting import fit
@@ -61,9 +61,7 @@ def test_lars_cls_probe_reaches_95_percent_on_separable_toy_set():
     train, val = mil_cache(800, seed=2, cls_signal=1.0), mil_cache(400, seed=3, cls_signal=1.0)
     torch.manual_seed(0)
     clf = ProbeClassifier(make_pool("cls", 8), 8, 4)
-    threads = torch.get_num_threads()
-    score = train_probe(clf, train, val, ProbeConfig(epochs=30, batch_size=64, warmup_epochs=3, threads=1))
-    assert torch.get_num_threads() == threads  # the single-thread training setting is restored
+    score = train_probe(clf, train, val, ProbeConfig(epochs=30, batch_size=64, warmup_epochs=3))
     assert score.top1 >= 0.95 and score.top5 == 1.0
     assert score.history[-1] < score.history[0]
 
@@ -71,20 +69,22 @@ def test_lars_cls_probe_reaches_95_percent_on_separable_toy_set():
 def test_cache_matches_direct_encoding_is_reused_and_resumes(tmp_path):
     backbone = ToyBackbone()
     data = toy_images(10, 2)
-    cache = encode_images(backbone, data, image_size=16, cache_dir=tmp_path, part_size=4, batch_size=3)
-    pixels = to_pixels(data.images, 16, backbone.image_mean, backbone.image_std)
+    cache = encode_images(backbone, data, image_size=16, cache_dir=tmp_path, part_size=4, batch_size=3)["original"]
+    pixels = torch.stack([ImageTransform.for_backbone(backbone, 16)(image) for image in data.images])
     feats = encode(backbone, pixels, "last")
     torch.testing.assert_close(cache.patches.float(), feats.tokens[1].flatten(1, 2), atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(cache.prefix.float(), feats.prefix[1], atol=2e-2, rtol=1e-2)
     assert cache.patches.dtype == torch.float16 and cache.meta["parts"] == 3 and cache.meta["parts_from_cache"] == 0
-    again = encode_images(backbone, data, image_size=16, cache_dir=tmp_path, part_size=4)
+    again = encode_images(backbone, data, image_size=16, cache_dir=tmp_path, part_size=4)["original"]
     assert again.meta["parts_from_cache"] == 3 and again.meta["encode_seconds"] == 0
     assert torch.equal(again.patches, cache.patches)
     folder = next(p for p in tmp_path.iterdir() if p.is_dir())
     (folder / "part-00001.safetensors").unlink()
-    resumed = encode_images(backbone, data, image_size=16, cache_dir=tmp_path, part_size=4)
-    assert resumed.meta["parts_from_cache"] == 2 and torch.equal(resumed.patches, cache.patches)
-    other_size = encode_images(backbone, data, image_size=8, cache_dir=tmp_path, part_size=4)
+    (folder / "part-00002.safetensors").write_bytes(b"truncated")  # a damaged part is encoded again
+    with pytest.warns(UserWarning, match="part-00002"):
+        resumed = encode_images(backbone, data, image_size=16, cache_dir=tmp_path, part_size=4)["original"]
+    assert resumed.meta["parts_from_cache"] == 1 and torch.equal(resumed.patches, cache.patches)
+    other_size = encode_images(backbone, data, image_size=8, cache_dir=tmp_path, part_size=4)["original"]
     assert other_size.meta["parts_from_cache"] == 0 and other_size.grid == (2, 2)
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
 
@@ -92,8 +92,8 @@ def test_cache_matches_direct_encoding_is_reused_and_resumes(tmp_path):
 def test_views_are_image_major_and_view_zero_is_plain(tmp_path):
     backbone = ToyBackbone()
     data = toy_images(5, 2)
-    plain = encode_images(backbone, data, image_size=16)
-    viewed = encode_images(backbone, data, image_size=16, views=3, seed=1)
+    plain = encode_images(backbone, data, image_size=16)["original"]
+    viewed = encode_images(backbone, data, image_size=16, views=3, seed=1)["original"]
     assert viewed.patches.shape[0] == 15
     torch.testing.assert_close(viewed.plain().patches, plain.patches)
     assert not torch.equal(viewed.patches[1], viewed.patches[0])
@@ -113,8 +113,10 @@ def toy_backbone_and_head(tmp_path):
 def test_soap_on_cached_tokens_equals_the_attached_backbone(tmp_path):
     backbone, head = toy_backbone_and_head(tmp_path)
     data = toy_images(6, 2)
-    shortcut = soap_corrected(encode_images(backbone, data, image_size=16), head)
-    direct = encode_images(attach(backbone, head), data, image_size=16)
+    caches = encode_images(backbone, data, image_size=16, head=head)
+    shortcut = soap_corrected(caches["original"], head)
+    direct = encode_images(attach(backbone, head), data, image_size=16)["original"]
+    assert torch.equal(caches["soap"].patches, shortcut.patches)
     torch.testing.assert_close(shortcut.patches.float(), direct.patches.float(), atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(shortcut.prefix, direct.prefix)
 
@@ -155,16 +157,15 @@ def test_run_probe_linear_knn_and_soap_on_a_toy_backbone(tmp_path):
     backbone, head = toy_backbone_and_head(tmp_path)
     train, val = toy_images(24, 3, seed=0), toy_images(12, 3, seed=1)
     config = ProbeConfig(epochs=2, batch_size=8, warmup_epochs=1)
-    run = run_probe(backbone, train, val, soap_head=head, config=config, cache_dir=tmp_path / "cache",
-                    abmilp=AbMILPOptions(conditioning="pe"))
-    assert [(r.pool, r.tokens) for r in run.results] == [
+    run = run_probe(backbone, train, val, head=head, config=config, cache_dir=tmp_path / "cache",
+                    abmilp=AbMILPConfig(conditioning="pe"))
+    assert [(r.pool, r.tokens) for r in run.rows()] == [
         (p, t) for t in ("original", "soap") for p in ("cls", "mean", "abmilp")]
-    assert all(0 <= r.top1 <= r.top5 <= 1 for r in run.results)
-    by = {(r.pool, r.tokens): r for r in run.results}
-    assert by["cls", "original"].top1 == by["cls", "soap"].top1  # SOAP leaves the CLS token alone
-    assert run.cache_parts_reused == 0
+    assert all(0 <= r.top1 <= r.top5 <= 1 for r in run.rows())
+    assert run.results["original"]["cls"]["top1"] == run.results["soap"]["cls"]["top1"]  # CLS is left alone
+    assert run.settings["cache_parts_reused"] == 0
     knn = run_probe(backbone, train, val, pools=("mean",), method="knn", cache_dir=tmp_path / "cache")
-    assert knn.cache_parts_reused == knn.cache_parts == 2 and knn.encode_seconds == 0
+    assert knn.settings["cache_parts_reused"] == knn.settings["cache_parts"] == 2 and knn.seconds["encode"] == 0
     with pytest.raises(SoapvitError, match="knn"):
         run_probe(backbone, train, val, pools=("abmilp",), method="knn")
 
@@ -174,15 +175,16 @@ def test_attention_profile_matches_statistics_of_the_returned_maps():
     backbone = VisionTransformerBackbone(ViTConfig(image_size=16, patch_size=4, embed_dim=16, depth=3, num_heads=2))
     data = toy_images(5, 1)
     profile = attention_profile(backbone, data, image_size=16, batch_size=2)
-    maps = encode(backbone, to_pixels(data.images, 16, backbone.image_mean, backbone.image_std), "last",
-                  attentions="all").attentions
+    pixels = torch.stack([ImageTransform.for_backbone(backbone, 16)(image) for image in data.images])
+    maps = encode(backbone, pixels, "last", attentions="all").attentions
     for b in range(3):
         row = maps[b][:, :, 0, 1:].double()
         p = row / row.sum(-1, keepdim=True)
         expected = float((-(p * p.log()).sum(-1)).mean())
-        assert profile.entropy[b] == pytest.approx(expected, rel=1e-5)
-        assert profile.count90[b] == pytest.approx(float(cls_attention_statistics(maps[b], 1)["count90"].mean()))
-        assert profile.entropy[b] <= profile.max_entropy + 1e-9
+        stats = profile.results
+        assert stats["entropy"][b] == pytest.approx(expected, rel=1e-5)
+        assert stats["count90"][b] == pytest.approx(float(cls_attention_statistics(maps[b], 1)["count90"].mean()))
+        assert stats["entropy"][b] <= profile.max_entropy + 1e-9
     assert profile.num_patches == 16 and profile.images == 5
 
 
@@ -200,7 +202,7 @@ def test_cli_probe_and_attention(tmp_path, run_cli):
                                  "--probe-batch-size", "4", "--cache-dir", str(tmp_path / "c"), "--out", str(out)])
     assert code in (0, None), err
     result = json.loads(out.read_text())
-    assert [r["pool"] for r in result["results"]] == ["cls", "abmilp"] and result["n_train"] == 12
+    assert list(result["results"]["original"]) == ["cls", "abmilp"] and result["settings"]["n_train"] == 12
     assert "abmilp" in stdout
     code, _, err = run_cli(["probe", "--model", "toyprobe:x", "--train", str(tmp_path / "tin"), "--val",
                             str(tmp_path / "tin"), "--pool", "max"])

@@ -39,8 +39,8 @@ def test_inspect_json_reports_every_block_in_eigenvalue_order(tmp_path, run_cli)
     assert code in (0, None)
     data = json.loads(out)
     assert data["backbone"] == "toy:test"
-    assert sorted(data["layers"], key=int) == ["0", "1", "2"]
-    for b, layer in data["layers"].items():
+    assert sorted(data["blocks"], key=int) == ["0", "1", "2"]
+    for b, layer in data["blocks"].items():
         d = head.blocks[int(b)]
         assert layer["eigenvalues"] == pytest.approx(d.eigenvalues.tolist())
         assert layer["eigenvalues"] == sorted(layer["eigenvalues"], reverse=True)
@@ -67,11 +67,11 @@ def test_fit_inspect_plot_end_to_end_on_a_tiny_hf_model(tmp_path, run_cli):
                         "--layers", "all", "--image-size", "32", "--batch-size", "2", "--device", "cpu",
                         "--out", str(head)])
     assert code in (0, None), err
-    assert "skipped 1 unreadable image" in err and "broken.png" in err
+    assert "skipped 1 input" in err and "broken.png" in err
     code, out, _ = run_cli(["inspect", str(head), "--json"])
     data = json.loads(out)
-    assert data["backbone"] == f"hf:{model_dir}" and sorted(data["layers"]) == ["0", "1"]
-    assert all(len(layer["si"]) == 32 for layer in data["layers"].values())
+    assert data["backbone"] == f"hf:{model_dir}" and sorted(data["blocks"]) == ["0", "1"]
+    assert all(len(layer["si"]) == 32 for layer in data["blocks"].values())
     code, _, err = run_cli(["plot", str(head), str(head), "--out", str(tmp_path / "figs"), "--images", str(images),
                         "--count", "2"])
     assert code in (0, None), err

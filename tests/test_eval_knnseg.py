@@ -14,7 +14,7 @@ from soapvit.backbones.registry import register_source
 from soapvit.cli import main
 from soapvit.data.images import DataFolderError, ImageReadError
 from soapvit.data.segmentation import CAMVID_CLASSES, SegmentationSplit
-from soapvit.eval.knnseg import KnnSettings, evaluate_knnseg, knn_vote, patch_soft_labels
+from soapvit.eval.knnseg import KnnConfig, evaluate_knnseg, knn_vote, patch_soft_labels
 
 COLOURS = np.array([[20, 20, 200], [200, 30, 30], [30, 190, 40]])
 
@@ -78,12 +78,12 @@ def test_knnseg_end_to_end_and_bank_cap(splits):
     backbone = ColourBackbone().eval()
     train, val = SegmentationSplit.open(splits[0]), SegmentationSplit.open(splits[1], what="--val")
     report = evaluate_knnseg(backbone, train, val, head=make_head(torch.eye(12)),
-                             settings=KnnSettings(k=5, image_size=32, memory_mb=0.01))
+                             config=KnnConfig(k=5, image_size=32, memory_mb=0.01))
     assert report.results["original"]["miou"] > 80  # colours decide the class
     assert report.results["soap"] == report.results["original"]  # identity head
     # 40x28 → 44x32 input: 11x8 patches each; the void top row covers 1 of 4 pixel rows, so no patch is dropped
     assert report.bank_size == 6 * 8 * 11
-    capped = evaluate_knnseg(backbone, train, val, settings=KnnSettings(k=5, image_size=32, max_bank=100))
+    capped = evaluate_knnseg(backbone, train, val, config=KnnConfig(k=5, image_size=32, max_bank=100))
     assert capped.bank_size <= 100 and set(capped.results) == {"original"}
 
 
@@ -139,5 +139,6 @@ def test_cli_knnseg(splits, tmp_path):
               "--k", "5", "--image-size", "32", "--out", str(out)])
     assert exit_info.value.code == 0
     payload = json.loads(out.read_text())
-    assert set(payload["per_class_iou"]) == {"0", "1", "2"}
-    assert payload["miou"] == pytest.approx(np.mean(list(payload["per_class_iou"].values())))
+    original = payload["results"]["original"]
+    assert payload["kind"] == "knnseg" and set(original["per_class_iou"]) == {"0", "1", "2"}
+    assert original["miou"] == pytest.approx(np.mean(list(original["per_class_iou"].values())))

@@ -14,7 +14,7 @@ from soapvit.backbones.registry import register_source
 from soapvit.cli import main
 from soapvit.data.images import DataFolderError
 from soapvit.data.saliency import SaliencyDataset, load_mask
-from soapvit.eval.salient import TokenCutSettings, evaluate_tokencut
+from soapvit.eval.salient import TokenCutConfig, evaluate_tokencut
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +71,11 @@ def test_metrics_equal_recomputation_from_saved_masks(folder, tmp_path, bilatera
     ds = SaliencyDataset.from_folders(folder / "images", folder / "masks")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every problem must be reported, not warned mid-run
-        report = evaluate_tokencut(backbone, ds, settings=TokenCutSettings(tau=0.2, bilateral=bilateral, batch_size=3),
+        report = evaluate_tokencut(backbone, ds, config=TokenCutConfig(tau=0.2, bilateral=bilateral, batch_size=3),
                                    save_masks=tmp_path)
     stems = sorted(p.stem for p in tmp_path.glob("*.png"))
     assert stems == ["0000", "0001", "0002", "0003", "0004", "0005", "0006"]
-    assert any("broken.jpg" in s for s in report.skipped) and any("nomask.png" in s for s in report.skipped)
+    assert any("broken.jpg" in s for s in report.log.lines()) and any("nomask.png" in s for s in report.log.lines())
     assert any("0003.png" in w and "resized" in w for w in report.warnings)
     res = report.results["original"]
     assert res["n_images"] == 7
@@ -94,15 +94,15 @@ def test_soap_head_shares_the_pass_and_identity_head_changes_nothing(folder, tmp
     backbone = ColourBackbone().eval()
     ds = SaliencyDataset.from_folders(folder / "images", folder / "masks")
     identity = make_head(torch.eye(12))
-    report = evaluate_tokencut(backbone, ds, head=identity, settings=TokenCutSettings(tau=0.2), save_masks=tmp_path)
+    report = evaluate_tokencut(backbone, ds, head=identity, config=TokenCutConfig(tau=0.2), save_masks=tmp_path)
     assert report.results["soap"] == report.results["original"]
     for p in tmp_path.glob("*.png"):
         np.testing.assert_array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(tmp_path / "soap" / p.name)))
     # a head that removes most dimensions changes the result, and keys are reported original only
     lossy = make_head(torch.diag(torch.tensor([1.0] * 2 + [0.0] * 10)))
-    changed = evaluate_tokencut(backbone, ds, head=lossy, settings=TokenCutSettings(tau=0.2))
+    changed = evaluate_tokencut(backbone, ds, head=lossy, config=TokenCutConfig(tau=0.2))
     assert changed.results["soap"] != changed.results["original"]
-    keys = evaluate_tokencut(backbone, ds, head=lossy, settings=TokenCutSettings(features="keys"))
+    keys = evaluate_tokencut(backbone, ds, head=lossy, config=TokenCutConfig(features="keys"))
     assert set(keys.results) == {"original"} and any("keys" in w for w in keys.warnings)
 
 
@@ -116,10 +116,12 @@ def test_cli_tokencut_json_and_figure(folder, tmp_path, capsys):
               str(tmp_path / "m")])
     assert exit_info.value.code == 0
     payload = json.loads(out.read_text())
-    assert {"maxFbeta", "iou", "acc", "n_images", "soap"} <= set(payload) and payload["n_images"] == 7
+    assert payload["kind"] == "tokencut" and set(payload["results"]) == {"original", "soap"}
+    assert {"maxFbeta", "iou", "acc", "n_images"} <= set(payload["results"]["original"])
+    assert payload["results"]["original"]["n_images"] == 7 and {"skipped", "warnings", "settings"} <= set(payload)
     assert (tmp_path / "r_masks.png").is_file()
     f, iou, acc = recompute(tmp_path / "m" / "soap", folder / "masks", [f"{i:04d}" for i in range(7)])
-    assert payload["soap"]["iou"] == pytest.approx(iou, abs=1e-6)
+    assert payload["results"]["soap"]["iou"] == pytest.approx(iou, abs=1e-6)
     assert "Δ (SOAP − original)" in capsys.readouterr().out
 
 
@@ -134,8 +136,8 @@ def test_cli_missing_masks_folder_is_one_line(tmp_path, capsys):
 
 def test_resize_modes_follow_tokencut_and_fixed_size():
     backbone = ColourBackbone(patch=14)
-    aspect = TokenCutSettings().transform(backbone)
+    aspect = TokenCutConfig().image_transform(backbone)
     assert aspect.resample == "lanczos"
     assert aspect.output_size(400, 300) == (406, 294)  # round(400/14)=29, round(300/14)=21 patches
-    assert TokenCutSettings(resize="square", image_size=224).transform(backbone).output_size(400, 300) == (224, 224)
-    assert TokenCutSettings(features="keys").tau == 0.2 and TokenCutSettings().tau == 0.3
+    assert TokenCutConfig(resize="square", image_size=224).image_transform(backbone).output_size(400, 300) == (224, 224)
+    assert TokenCutConfig(features="keys").tau == 0.2 and TokenCutConfig().tau == 0.3

@@ -1,12 +1,14 @@
 """End-to-end SOAP fit on a toy backbone, checked against an independent numpy recomputation."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from toy_backbone import ToyBackbone
 
-from soapvit.data.images import ImageTransform
+from soapvit.data.transforms import ImageTransform
 from soapvit.data.synthetic import SyntheticImages
 from soapvit.fitting import fit
 from soapvit.soap import SoapConfig, SoapHead, attach
@@ -39,12 +41,12 @@ def _tokens(backbone, batches, block):
 @pytest.mark.parametrize("variant", ["reference", "paper"])
 def test_fit_matches_numpy_recomputation(image_folder, variant):
     backbone = ToyBackbone()
-    with pytest.warns(UserWarning, match="zz_corrupt.jpg"):
-        head, report = fit(backbone, image_folder, synthetic=17, batch_size=5, device="cpu", seed=3,
-                           config=SoapConfig(variant=variant), blocks="all")
+    head, report = fit(backbone, image_folder, synthetic=17, batch_size=5, device="cpu", seed=3,
+                       config=SoapConfig(variant=variant), blocks="all")
     assert report.n_real == 23 and report.n_synthetic == 17
-    assert [p.name for p in report.skipped] == ["zz_corrupt.jpg"]
-    assert sorted(head.blocks) == [0, 1] and head.apply_layer == 1
+    assert [Path(s["file"]).name for s in report.skipped] == ["zz_corrupt.jpg"]
+    assert "zz_corrupt.jpg" in head.metadata["skipped"][0]["file"] and head.metadata["skipped"][0]["reason"]
+    assert sorted(head.blocks) == [0, 1] and head.apply_block == 1
 
     transform = ImageTransform.for_backbone(backbone, size=16)
     from soapvit.data.images import list_images, load_image
@@ -90,9 +92,8 @@ def test_fit_matches_numpy_recomputation(image_folder, variant):
 
 def test_fit_without_cache_gives_the_same_head(image_folder):
     backbone = ToyBackbone()
-    with pytest.warns(UserWarning):
-        cached, r1 = fit(backbone, image_folder, synthetic=8, batch_size=4, device="cpu", blocks="last")
-        uncached, r2 = fit(backbone, image_folder, synthetic=8, batch_size=4, device="cpu", blocks="last", cache_gb=0)
+    cached, r1 = fit(backbone, image_folder, synthetic=8, batch_size=4, device="cpu", blocks="last")
+    uncached, r2 = fit(backbone, image_folder, synthetic=8, batch_size=4, device="cpu", blocks="last", cache_gb=0)
     assert r1.cached and not r2.cached
     torch.testing.assert_close(cached.blocks[1].si, uncached.blocks[1].si)
     torch.testing.assert_close(cached.projector, uncached.projector)
@@ -102,9 +103,8 @@ def test_soap_finds_the_position_embedding_and_attach_removes_it(image_folder, t
     """The toy backbone adds a large fixed position embedding: the highest-SI components must
     lie in its span, and the attached head must shrink it."""
     backbone = ToyBackbone(pos_scale=4.0)
-    with pytest.warns(UserWarning):
-        head, _ = fit(backbone, image_folder, synthetic=23, batch_size=8, device="cpu", blocks="last",
-                      config=SoapConfig(weighting="reference", mu=2))
+    head, _ = fit(backbone, image_folder, synthetic=23, batch_size=8, device="cpu", blocks="last",
+                  config=SoapConfig(weighting="reference", mu=2))
     d = head.blocks[1]
     top = torch.argsort(d.si, descending=True)[:2]
     assert d.si[top].min() > 0.75

@@ -106,13 +106,13 @@ def test_head_save_load_roundtrip_and_transform(tmp_path):
     head = _head()
     path = head.save(tmp_path / "h.safetensors")
     loaded = SoapHead.load(path)
-    assert loaded.apply_layer == 3 and loaded.metadata["backbone"] == "toy:test"
+    assert loaded.apply_block == 3 and loaded.metadata["backbone"] == "toy:test"
     torch.testing.assert_close(loaded.blocks[3].si, head.blocks[3].si)
     torch.testing.assert_close(loaded.projector, head.projector, atol=1e-6, rtol=0)
     tokens = torch.randn(2, 3, 3, 6)
     expected = tokens.double().numpy() @ head.projector.double().numpy()
     np.testing.assert_allclose(loaded.transform(tokens).numpy(), expected, atol=1e-5)
-    assert loaded.summary()["layers"]["3"]["si"] == pytest.approx(head.blocks[3].si.tolist())
+    assert loaded.summary()["blocks"]["3"]["si"] == pytest.approx(head.blocks[3].si.tolist())
 
 
 def test_head_load_rejects_bad_files(tmp_path):

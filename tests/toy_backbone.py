@@ -21,12 +21,14 @@ class ToyBackbone(Backbone):
         self.mix = nn.ParameterList([nn.Parameter(torch.randn(dim, dim, generator=g) / dim**0.5) for _ in range(blocks)])
         self.norm = nn.LayerNorm(dim)
 
-    def _run(self, pixels, blocks, norm, keys, attentions):
+    def _run(self, pixels, blocks, norm, keys, attentions, edits):
         x = self.embed(pixels).flatten(2).transpose(1, 2) + self.pos[: (pixels.shape[-1] // self.patch_size) ** 2]
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
         hidden = {}
         for i, w in enumerate(self.mix):
             x = x + torch.tanh(x @ w)
+            if i in edits:
+                x = edits[i](x)
             if i in blocks:
                 hidden[i] = self.norm(x) if norm else x
         return RawOutput(hidden=hidden, keys=x @ self.mix[-1] if keys else None)

@@ -1,6 +1,8 @@
-"""Figures for SOAP heads: SI curves, max SI per block, response maps, token maps.
+"""Every figure of the project: SOAP heads (SI curves, max SI per block, response maps, token
+maps), TokenCut mask comparisons and CLS-attention profiles.
 
-Each function takes plain data (heads, arrays), draws one figure, saves it and returns the path.
+Each function takes plain data (heads, arrays, reports), draws one figure, saves it and returns
+the path.
 MIM models are drawn solid and non-MIM models dashed, as in the SOAP paper's figures.
 """
 
@@ -32,7 +34,7 @@ def plot_si_curves(heads: Mapping[str, SoapHead], path: Path, dashed: Sequence[s
     """SI of the head's block sorted in descending order: all components, and the top ``top``."""
     fig, (ax_all, ax_top) = plt.subplots(1, 2, figsize=(11, 4))
     for label, head in heads.items():
-        si = np.sort(head.blocks[head.apply_layer].si.numpy())[::-1]
+        si = np.sort(head.blocks[head.apply_block].si.numpy())[::-1]
         style = "--" if label in dashed else "-"
         ax_all.plot(np.arange(1, len(si) + 1), si, style, label=label)
         ax_top.plot(np.arange(1, min(top, len(si)) + 1), si[:top], style, marker="o", label=label)
@@ -60,14 +62,14 @@ def plot_max_si_per_block(heads: Mapping[str, SoapHead], path: Path, dashed: Seq
 
 def top_components(head: SoapHead, count: int = 4, block: int | None = None) -> list[int]:
     """Indices (eigenvalue order) of the ``count`` highest-SI components of ``block``."""
-    si = head.blocks[head.apply_layer if block is None else block].si
+    si = head.blocks[head.apply_block if block is None else block].si
     return torch.argsort(si, descending=True)[:count].tolist()
 
 
 def plot_response_maps(head: SoapHead, path: Path, count: int = 4) -> Path:
     """For the top-SI components: response probability per patch position on real (P) and
     synthetic (Q) images. Position-coding components show the same spatial pattern in both."""
-    d = head.blocks[head.apply_layer]
+    d = head.blocks[head.apply_block]
     comps = top_components(head, count)
     fig, axes = plt.subplots(2, len(comps), figsize=(2.6 * len(comps), 5.2), squeeze=False)
     for j, c in enumerate(comps):
@@ -76,7 +78,7 @@ def plot_response_maps(head: SoapHead, path: Path, count: int = 4) -> Path:
             ax.imshow(maps[..., c].numpy(), vmin=0, vmax=1, cmap="viridis")
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_title(f"PC{c + 1} {name}\nSI {d.si[c]:.3f}" if i == 0 else name, fontsize=8)
-    fig.suptitle(f"response maps, block {head.apply_layer}", fontsize=10)
+    fig.suptitle(f"response maps, block {head.apply_block}", fontsize=10)
     return _save(fig, path)
 
 
@@ -94,7 +96,7 @@ def plot_token_maps(images: Sequence[np.ndarray], before: Sequence[np.ndarray], 
                     head: SoapHead, path: Path, count: int = 2) -> Path:
     """Per image: the image, PCA-RGB of the tokens before/after SOAP, and the top-SI component
     maps ``(z − μ)·v`` before and after the projection."""
-    d = head.blocks[head.apply_layer]
+    d = head.blocks[head.apply_block]
     comps = top_components(head, count)
     v = d.eigenvectors.numpy()
     mean = d.mean.numpy()
@@ -120,8 +122,9 @@ def plot_token_maps(images: Sequence[np.ndarray], before: Sequence[np.ndarray], 
 def render_head_figures(head: SoapHead, out: Path, backbone=None, image_files: Sequence[Path] = (),
                         label: str | None = None) -> list[Path]:
     """All figures of one head into ``out``; token maps need the ``backbone`` and images."""
-    from .data.images import ImageTransform, load_image
-    from .features import encode
+    from .data.sources import ImageFiles
+    from .data.transforms import ImageTransform
+    from .features import iter_tokens
 
     out = Path(out)
     label = label or head.metadata.get("backbone", "model")
@@ -133,11 +136,62 @@ def render_head_figures(head: SoapHead, out: Path, backbone=None, image_files: S
     if backbone is not None and image_files:
         size = head.metadata.get("image_size", backbone.image_size)
         transform = ImageTransform.for_backbone(backbone, size=size)
-        pics = [load_image(f) for f in image_files]
-        pixels = torch.stack([transform(p) for p in pics]).to(backbone.device)
-        tokens = encode(backbone, pixels, [head.apply_layer], norm=head.metadata.get("norm", True)).tokens[head.apply_layer]
-        before = tokens.cpu()
-        after = head.transform(before.double()).float()
-        shown = [np.asarray(p.resize((size, size))) for p in pics]
-        paths.append(plot_token_maps(shown, before.numpy(), after.numpy(), head, out / "token_maps.png"))
+        shown, before, after = [], [], []
+        for batch in iter_tokens(backbone, ImageFiles(list(image_files)), transform, blocks=head.apply_block,
+                                 head=head, norm=head.metadata.get("norm", True), keep_images=True):
+            shown += [np.asarray(image.resize((size, size))) for image in batch.images]
+            before.append(batch.original.tokens[head.apply_block].cpu())
+            after.append(batch.corrected.tokens[head.apply_block].cpu())
+        if shown:
+            paths.append(plot_token_maps(shown, torch.cat(before).numpy(), torch.cat(after).numpy(), head,
+                                         out / "token_maps.png"))
     return paths
+
+
+def plot_attention_profiles(profiles: Sequence, path: str | Path, abmilp: dict[str, dict] | None = None) -> Path:
+    """Entropy (as a fraction of ``log N``) and count90 (as a fraction of N) per block, one line
+    per model; AbMILP weight statistics (``abmilp[model_id] = {"entropy", "count90"}``) as a
+    marker after the last block."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for profile in profiles:
+        x = list(range(1, len(profile.results["entropy"]) + 1))
+        ent = [e / profile.max_entropy for e in profile.results["entropy"]]
+        cnt = [c / profile.num_patches for c in profile.results["count90"]]
+        line = axes[0].plot(x, ent, marker="o", ms=3, label=f"{profile.model_id} (N={profile.num_patches})")[0]
+        axes[1].plot(x, cnt, marker="o", ms=3, color=line.get_color())
+        extra = (abmilp or {}).get(profile.model_id)
+        if extra:
+            axes[0].plot([x[-1] + 1], [extra["entropy"] / profile.max_entropy], marker="*", ms=12,
+                         color=line.get_color(), linestyle="none")
+            axes[1].plot([x[-1] + 1], [extra["count90"] / profile.num_patches], marker="*", ms=12,
+                         color=line.get_color(), linestyle="none")
+    axes[0].set(xlabel="block", ylabel="CLS→patch attention entropy / log N", ylim=(0, 1.05),
+                title="entropy (1 = uniform over patches)")
+    axes[1].set(xlabel="block", ylabel="patches holding 90% of CLS attention / N", ylim=(0, 1.05),
+                title="90%-mass patch share")
+    if abmilp:
+        axes[0].annotate("★ = AbMILP weights", xy=(0.02, 0.03), xycoords="axes fraction", fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+VARIANT_TITLES = {"original": "original", "soap": "SOAP"}
+
+
+def plot_mask_comparison(examples: Sequence, path: str | Path) -> Path:
+    """One row per example: image, ground truth, then each variant's mask (scored prediction)."""
+    if not examples:
+        raise ValueError("no examples to plot")
+    variants = list(examples[0].predictions)
+    cols = 2 + len(variants)
+    fig, axes = plt.subplots(len(examples), cols, figsize=(2.6 * cols, 2.2 * len(examples)), squeeze=False)
+    for row, ex in zip(axes, examples):
+        panels = [(ex.image, "image"), (ex.ground_truth, "ground truth")]
+        panels += [(ex.predictions[v], VARIANT_TITLES.get(v, v)) for v in variants]
+        for ax, (data, title) in zip(row, panels):
+            ax.imshow(data, cmap=None if data.ndim == 3 else "gray", vmin=0, vmax=None if data.ndim == 3 else data.max() or 1)
+            ax.set_title(f"{title}" if title != "image" else ex.stem, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, Path(path))

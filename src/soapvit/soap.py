@@ -14,6 +14,7 @@ Weightings beyond the two: ``si`` (every component weighted by its SI, no cut-of
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,19 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .backbones.base import Backbone, RawOutput
+from .backbones.base import Backbone, Features, RawOutput
 from .errors import SoapvitError
 from .safetensors_io import read_safetensors
 from .stats import ResponseCounts, StreamingMoments, positional_fraction
+from .validation import POSITIVE, Interval, Options, check_each, validate
 
 VARIANTS = ("reference", "paper")
 WEIGHTINGS = ("reference", "paper", "si", "manual")
 RESPONSE_RULE = {"reference": "centred", "paper": "raw"}
+SOAP_CONSTRAINTS = {
+    "variant": Options(VARIANTS), "weighting": Options(WEIGHTINGS), "mu": Interval(float, 0, optional=True),
+    "tau": POSITIVE, "alpha": POSITIVE, "gamma": POSITIVE, "threshold": Interval(float, 0, 1),
+}
 HEAD_FORMAT = "soapvit-head/1"
 COMPACT_FIELDS = ("eigenvectors", "p_real", "q_synthetic")  # stored in float32 to keep files small
 
@@ -49,7 +55,8 @@ def semantic_invariance(p: Tensor, q: Tensor, alpha: float = 2.0, gamma: float =
 def si_scores(real: ResponseCounts, synthetic: ResponseCounts, variant: str = "reference",
               alpha: float = 2.0, gamma: float = 1.0) -> Tensor:
     """SI per component ``(D,)`` from response counts, by ``variant``."""
-    rule = RESPONSE_RULE[_check(variant, VARIANTS, "variant")]
+    validate({"variant": variant}, SOAP_CONSTRAINTS)
+    rule = RESPONSE_RULE[variant]
     p, q = real.probabilities(rule), synthetic.probabilities(rule)
     if variant == "reference":
         return semantic_invariance(p, q, alpha, gamma).mean(dim=(0, 1))
@@ -72,7 +79,7 @@ def auto_mu(scores: Tensor, threshold: float = 0.75) -> int:
 def component_weights(scores: Tensor, weighting: str = "reference", mu: float | None = 2.0, tau: float = 0.05,
                       components: Sequence[int] = (), threshold: float = 0.75) -> Tensor:
     """Diagonal of ``W`` for each weighting (see module doc); ``mu=None`` → :func:`auto_mu`."""
-    weighting = _check(weighting, WEIGHTINGS, "weighting")
+    validate({"weighting": weighting}, SOAP_CONSTRAINTS)
     scores = scores.double()
     if weighting == "manual":
         weights = torch.zeros_like(scores)
@@ -95,12 +102,6 @@ def projector(eigenvectors: Tensor, weights: Tensor) -> Tensor:
     """``P = I − V diag(w) Vᵀ``: symmetric; idempotent when ``w`` is binary."""
     v = eigenvectors.double()
     return torch.eye(v.shape[0], dtype=torch.float64, device=v.device) - (v * weights.double()) @ v.T
-
-
-def _check(value: str, allowed: Sequence[str], name: str) -> str:
-    if value not in allowed:
-        raise SoapvitError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
-    return value
 
 
 @dataclass
@@ -129,10 +130,11 @@ class SoapConfig:
     remove: Sequence[int] = ()
 
     def __post_init__(self) -> None:
-        _check(self.variant, VARIANTS, "variant")
-        self.weighting = _check(self.weighting or ("manual" if self.remove else self.variant), WEIGHTINGS, "weighting")
-        if self.tau <= 0:
-            raise SoapvitError(f"--tau must be positive, not {self.tau}")
+        self.weighting = self.weighting or ("manual" if self.remove else self.variant)
+        validate(self.__dict__, SOAP_CONSTRAINTS)
+        check_each("remove", self.remove, Interval(int, 0))
+        if self.weighting == "manual" and not self.remove:
+            raise SoapvitError("--weighting manual needs --remove (the components to remove)")
 
 
 @dataclass
@@ -153,19 +155,19 @@ class SoapHead(nn.Module):
     """The training-free linear head ``ẑ = P z`` for one block, plus every fitted block's
     decomposition and the fit's metadata."""
 
-    def __init__(self, blocks: dict[int, BlockDecomposition], apply_layer: int, metadata: dict) -> None:
+    def __init__(self, blocks: dict[int, BlockDecomposition], apply_block: int, metadata: dict) -> None:
         super().__init__()
-        if apply_layer not in blocks:
-            raise SoapvitError(f"--apply-layer {apply_layer} was not fitted; fitted blocks: {sorted(blocks)}")
+        if apply_block not in blocks:
+            raise SoapvitError(f"--apply-block {apply_block} was not fitted; fitted blocks: {sorted(blocks)}")
         self.blocks = blocks
-        self.apply_layer = apply_layer
+        self.apply_block = apply_block
         self.metadata = dict(metadata)
-        self.register_buffer("projector", projector(blocks[apply_layer].eigenvectors, blocks[apply_layer].weights).float())
+        self.register_buffer("projector", projector(blocks[apply_block].eigenvectors, blocks[apply_block].weights).float())
 
     @classmethod
-    def from_statistics(cls, stats: dict[int, BlockStatistics], config: SoapConfig, apply_layer: int,
+    def from_statistics(cls, stats: dict[int, BlockStatistics], config: SoapConfig, apply_block: int,
                         metadata: dict | None = None) -> SoapHead:
-        """Score every block and build the head for ``apply_layer``."""
+        """Score every block and build the head for ``apply_block``."""
         blocks = {}
         for b, s in stats.items():
             si = si_scores(s.real, s.synthetic, config.variant, config.alpha, config.gamma)
@@ -180,9 +182,9 @@ class SoapHead(nn.Module):
         meta.update(variant=config.variant, weighting=config.weighting, mu=config.mu, tau=config.tau,
                     alpha=config.alpha, gamma=config.gamma, threshold=config.threshold, remove=list(config.remove),
                     auto_mu={b: auto_mu(d.si, config.threshold) for b, d in blocks.items()})
-        return cls(blocks, apply_layer, meta)
+        return cls(blocks, apply_block, meta)
 
-    def reweighted(self, config: SoapConfig, apply_layer: int | None = None) -> SoapHead:
+    def reweighted(self, config: SoapConfig, apply_block: int | None = None) -> SoapHead:
         """The same decomposition with other weights (scores are kept; the variant must match)."""
         if config.variant != self.metadata.get("variant"):
             raise SoapvitError("changing --variant needs the response counts: fit again")
@@ -193,13 +195,51 @@ class SoapHead(nn.Module):
                                            d.position_share)
         meta = dict(self.metadata)
         meta.update(weighting=config.weighting, mu=config.mu, tau=config.tau, remove=list(config.remove))
-        return SoapHead(blocks, self.apply_layer if apply_layer is None else apply_layer, meta)
+        return SoapHead(blocks, self.apply_block if apply_block is None else apply_block, meta)
 
     def transform(self, tokens: Tensor) -> Tensor:
         """Apply ``P`` on the last dimension of ``tokens`` (no centring, as the reference)."""
         return tokens @ self.projector.to(tokens.device, tokens.dtype)
 
     forward = transform
+
+    def transform_sequence(self, sequence: Tensor, num_prefix: int) -> Tensor:
+        """Apply ``P`` to the patch tokens of ``(B, P + N, D)``, leaving the ``P`` prefix tokens."""
+        return torch.cat([sequence[:, :num_prefix], self.transform(sequence[:, num_prefix:])], dim=1)
+
+    def correct(self, features: Features) -> Features:
+        """Features of an output head (at the last block) from the original ones: the head's block
+        transformed, nothing else (keys are computed inside the block, before its output)."""
+        tokens = dict(features.tokens)
+        if self.apply_block in tokens:
+            tokens[self.apply_block] = self.transform(tokens[self.apply_block])
+        return Features(tokens=tokens, prefix=features.prefix, keys=features.keys, attentions=features.attentions)
+
+    def digest(self) -> str:
+        """Short content digest of the projector and the block it applies to."""
+        from .backbones.wheels import tensor_digest
+
+        return tensor_digest({"projector": self.projector, "apply_block": torch.tensor(self.apply_block)})[:16]
+
+    def check_backbone(self, backbone: Backbone, *, allow_other: bool = False) -> None:
+        """Refuse a backbone the head was not fitted for: another width always; another model id
+        or weights unless ``allow_other``."""
+        if self.projector.shape[0] != backbone.embed_dim:
+            raise SoapvitError(f"the head has dimension {self.projector.shape[0]} but {backbone.model_id} has "
+                               f"{backbone.embed_dim}")
+        if self.apply_block >= backbone.num_blocks:
+            raise SoapvitError(f"the head applies to block {self.apply_block} but {backbone.model_id} has "
+                               f"{backbone.num_blocks} blocks")
+        fitted = self.metadata.get("backbone")
+        if allow_other or fitted is None:
+            return
+        if fitted != backbone.model_id:
+            raise SoapvitError(f"the head was fitted for {fitted}, not {backbone.model_id} "
+                               "(--allow-other-backbone to apply it anyway)")
+        digest = self.metadata.get("weights_digest")
+        if digest is not None and digest != backbone.weights_digest():
+            raise SoapvitError(f"the head was fitted for other weights of {fitted} (digest {digest}, these "
+                               f"{backbone.weights_digest()}; --allow-other-backbone to apply it anyway)")
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -211,11 +251,13 @@ class SoapHead(nn.Module):
                 if name in COMPACT_FIELDS:
                     value = value.float()
                 tensors[f"block.{b}.{name}"] = value.contiguous()
-        meta = {"format": HEAD_FORMAT, "apply_layer": str(self.apply_layer),
+        meta = {"format": HEAD_FORMAT, "apply_block": str(self.apply_block),
                 "blocks": json.dumps(sorted(self.blocks)), "metadata": json.dumps(self.metadata)}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=meta)
+        partial = path.with_name(f".{path.name}.partial")
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(partial), metadata=meta)
+        os.replace(partial, path)  # a killed save never leaves a half-written head behind
         return path
 
     @classmethod
@@ -224,20 +266,25 @@ class SoapHead(nn.Module):
         tensors, meta = read_safetensors(path, "head file")
         if meta.get("format") != HEAD_FORMAT:
             raise SoapvitError(f"{path} is not a SOAP head file (format {meta.get('format')!r})")
-        blocks = {
-            b: BlockDecomposition(**{n: tensors[f"block.{b}.{n}"].double() for n in BlockDecomposition.__dataclass_fields__})
-            for b in json.loads(meta["blocks"])
-        }
-        metadata = json.loads(meta["metadata"])
-        metadata["auto_mu"] = {int(k): v for k, v in metadata.get("auto_mu", {}).items()}
-        return cls(blocks, int(meta["apply_layer"]), metadata)
+        try:
+            blocks = {
+                b: BlockDecomposition(**{n: tensors[f"block.{b}.{n}"].double() for n in BlockDecomposition.__dataclass_fields__})
+                for b in json.loads(meta["blocks"])
+            }
+            metadata = json.loads(meta["metadata"])
+            metadata["auto_mu"] = {int(k): v for k, v in metadata.get("auto_mu", {}).items()}
+            metadata.setdefault("blocks", metadata.pop("layers", sorted(blocks)))  # files before the rename
+            apply_block = int(meta.get("apply_block", meta.get("apply_layer")))
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
+            raise SoapvitError(f"head file {path} is incomplete or damaged ({type(err).__name__}: {err})") from None
+        return cls(blocks, apply_block, metadata)
 
     def summary(self) -> dict:
         """Plain data: per block eigenvalues, SI and weights in descending-eigenvalue order."""
         return {
             "backbone": self.metadata.get("backbone", ""),
-            "apply_layer": self.apply_layer,
-            "layers": {
+            "apply_block": self.apply_block,
+            "blocks": {
                 str(b): {"eigenvalues": d.eigenvalues.tolist(), "si": d.si.tolist(), "weights": d.weights.tolist()}
                 for b, d in sorted(self.blocks.items())
             },
@@ -245,29 +292,29 @@ class SoapHead(nn.Module):
 
 
 class SoapBackbone(Backbone):
-    """A backbone whose tokens at the head's block come out SOAP-corrected."""
+    """A backbone with a SOAP head in its forward pass, by one rule: a head at the last block
+    transforms the output tokens; a head at an earlier block replaces that block's patch tokens
+    (the residual stream) by their projection, so every later block sees the corrected tokens."""
 
     def __init__(self, backbone: Backbone, head: SoapHead) -> None:
         desc = backbone.describe()
         desc.pop("model_id")
         super().__init__(f"{backbone.model_id}+soap", **desc)
-        if head.projector.shape[0] != backbone.embed_dim:
-            raise SoapvitError(
-                f"head dimension {head.projector.shape[0]} does not match {backbone.model_id} ({backbone.embed_dim})"
-            )
+        head.check_backbone(backbone)
         self.backbone = backbone
         self.head = head
 
-    def _run(self, pixels, blocks, norm, keys, attentions) -> RawOutput:
-        raw = self.backbone._run(pixels, blocks, norm, keys, attentions)
-        b = self.head.apply_layer
-        if b in raw.hidden:
-            p = self.num_prefix_tokens
-            seq = raw.hidden[b]
-            raw.hidden[b] = torch.cat([seq[:, :p], self.head.transform(seq[:, p:])], dim=1)
-        return raw
+    def _run(self, pixels, blocks, norm, keys, attentions, edits) -> RawOutput:
+        b = self.head.apply_block
+        if b == self.num_blocks - 1:
+            raw = self.backbone._run(pixels, blocks, norm, keys, attentions, edits)
+            if b in raw.hidden:
+                raw.hidden[b] = self.head.transform_sequence(raw.hidden[b], self.num_prefix_tokens)
+            return raw
+        edit = lambda seq: self.head.transform_sequence(seq, self.num_prefix_tokens)  # noqa: E731
+        return self.backbone._run(pixels, blocks, norm, keys, attentions, {**edits, b: edit})
 
 
 def attach(backbone: Backbone, head: SoapHead) -> SoapBackbone:
-    """Wrap ``backbone`` so the head's block returns corrected patch tokens."""
+    """Wrap ``backbone`` so that its forward pass applies ``head`` (see :class:`SoapBackbone`)."""
     return SoapBackbone(backbone, head)

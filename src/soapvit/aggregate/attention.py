@@ -11,17 +11,17 @@ Each is averaged over heads and images. The same entropy and count describe AbMI
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..backbones.base import Backbone
+from ..data.sources import ImageSource
+from ..data.transforms import ImageTransform
 from ..errors import SoapvitError
-from ..features import encode
-from .datasets import LabelledImages, to_pixels
+from ..features import iter_tokens
+from ..runlog import Progress, RunLog, RunReport
 
 
 def distribution_statistics(weights: Tensor, mass: float = 0.9) -> tuple[Tensor, Tensor]:
@@ -45,79 +45,48 @@ def cls_attention_statistics(attention: Tensor, num_prefix: int, mass: float = 0
     return {"entropy": entropy, "count90": count.double(), "patch_mass": patch_mass}
 
 
-@dataclass
-class AttentionProfile:
-    """Per-block means over images and heads, for one model."""
+STATISTICS = ("entropy", "count90", "patch_mass")
 
-    model_id: str
-    num_patches: int
-    entropy: list[float]
-    count90: list[float]
-    patch_mass: list[float]
-    images: int
+
+@dataclass
+class AttentionProfile(RunReport):
+    """Per-block means over images and heads, for one model: ``results[statistic]`` is a list
+    over blocks for each of :data:`STATISTICS`."""
+
+    model_id: str = ""
+    num_patches: int = 0
+    images: int = 0
+
+    kind = "attention"
 
     @property
     def max_entropy(self) -> float:
         return math.log(self.num_patches)
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"max_entropy": self.max_entropy}
+        return super().to_dict() | {"max_entropy": self.max_entropy}
 
 
-def attention_profile(backbone: Backbone, data: LabelledImages, *, image_size: int, batch_size: int = 32,
-                      progress: Callable[[str, int, int], None] | None = None) -> AttentionProfile:
-    """CLS-attention statistics of every block, averaged over ``data``."""
+def attention_profile(backbone: Backbone, data: ImageSource, *, image_size: int, batch_size: int = 32,
+                      num_workers: int | None = None, progress: Progress | None = None) -> AttentionProfile:
+    """CLS-attention statistics of every block, averaged over the images of ``data``."""
     blocks = list(range(backbone.num_blocks))
-    sums = {k: torch.zeros(len(blocks), dtype=torch.float64) for k in ("entropy", "count90", "patch_mass")}
-    n = len(data)
-    for start in range(0, n, batch_size):
-        batch = data.images[start : start + batch_size]
-        pixels = to_pixels(batch, image_size, backbone.image_mean, backbone.image_std).to(backbone.device)
-        feats = encode(backbone, pixels, "last", attentions="all")
-        if len(feats.attentions) != len(blocks):
+    sums = {k: torch.zeros(len(blocks), dtype=torch.float64) for k in STATISTICS}
+    log, n = RunLog(), 0
+    transform = ImageTransform.for_backbone(backbone, size=image_size, mode="square")
+    for batch in iter_tokens(backbone, data, transform, blocks="last", attentions="all", batch_size=batch_size,
+                             num_workers=num_workers, log=log, progress=progress, stage="attention"):
+        attentions = batch.original.attentions
+        if len(attentions) != len(blocks):
             raise SoapvitError(f"{backbone.model_id} does not return attention maps")
         for b in blocks:
-            stats = cls_attention_statistics(feats.attentions[b].cpu(), backbone.num_prefix_tokens)
+            stats = cls_attention_statistics(attentions[b].cpu(), backbone.num_prefix_tokens)
             for k, v in stats.items():
                 sums[k][b] += v.mean(dim=1).sum()
-        if progress:
-            progress("attention", min(n, start + batch_size), n)
-    side = image_size // backbone.patch_size
-    return AttentionProfile(backbone.model_id, side * side, *((sums[k] / n).tolist() for k in sums), images=n)
-
-
-def plot_profiles(profiles: list[AttentionProfile], path: str | Path, abmilp: dict[str, dict] | None = None) -> Path:
-    """Entropy (as a fraction of ``log N``) and count90 (as a fraction of N) per block, one line
-    per model; AbMILP weight statistics (``abmilp[model_id] = {"entropy", "count90"}``) as a
-    marker after the last block."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for profile in profiles:
-        x = list(range(1, len(profile.entropy) + 1))
-        ent = [e / profile.max_entropy for e in profile.entropy]
-        cnt = [c / profile.num_patches for c in profile.count90]
-        line = axes[0].plot(x, ent, marker="o", ms=3, label=f"{profile.model_id} (N={profile.num_patches})")[0]
-        axes[1].plot(x, cnt, marker="o", ms=3, color=line.get_color())
-        extra = (abmilp or {}).get(profile.model_id)
-        if extra:
-            axes[0].plot([x[-1] + 1], [extra["entropy"] / profile.max_entropy], marker="*", ms=12,
-                         color=line.get_color(), linestyle="none")
-            axes[1].plot([x[-1] + 1], [extra["count90"] / profile.num_patches], marker="*", ms=12,
-                         color=line.get_color(), linestyle="none")
-    axes[0].set(xlabel="block", ylabel="CLS→patch attention entropy / log N", ylim=(0, 1.05),
-                title="entropy (1 = uniform over patches)")
-    axes[1].set(xlabel="block", ylabel="patches holding 90% of CLS attention / N", ylim=(0, 1.05),
-                title="90%-mass patch share")
-    if abmilp:
-        axes[0].annotate("★ = AbMILP weights", xy=(0.02, 0.03), xycoords="axes fraction", fontsize=8)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        n += len(batch.indices)
+    if n == 0:
+        raise SoapvitError(f"--images: no image could be read; first problems: {'; '.join(log.lines()[:3])}")
+    side = transform.output_size(1, 1)[0] // backbone.patch_size
+    return AttentionProfile(results={k: (sums[k] / n).tolist() for k in STATISTICS},
+                            settings={"model": backbone.model_id, "image_size": image_size}, log=log,
+                            model_id=backbone.model_id, num_patches=side * side, images=n)

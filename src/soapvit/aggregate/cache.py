@@ -3,9 +3,9 @@
 Per image (and per augmentation view) the cache keeps the chosen block's prefix tokens
 ``(P, D)`` and patch tokens ``(N, D)`` in float16. It is a folder named by a key that hashes
 everything the tokens depend on: model id, a digest of the backbone's weights, image size, block,
-final norm, views and their seed, the data selection, and the SOAP head file when the head
-changes the cached tokens (a head applied at an earlier block). Parts of ``part_size`` images are
-written as they finish, so an interrupted run resumes where it stopped.
+final norm, views and their seed, the data selection, and the SOAP head when it changes the
+cached tokens (a head applied at an earlier block). Parts of ``part_size`` images are written as
+they finish (atomically), so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -13,20 +13,25 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from ..backbones.base import Backbone
-from ..features import encode
-from .datasets import LabelledImages, random_resized_flip, to_pixels
+from ..data.labelled import LabelledImages
+from ..data.sources import AugmentedViews
+from ..data.transforms import ImageTransform
+from ..errors import SoapvitError
+from ..features import iter_tokens
+from ..runlog import Progress
+from ..safetensors_io import read_safetensors
+from ..soap import SoapHead
 
-CACHE_FORMAT = "soapvit-probe-cache/1"
-Progress = Callable[[str, int, int], None]
+CACHE_FORMAT = "soapvit-probe-cache/2"
 
 
 @dataclass
@@ -53,94 +58,90 @@ class TokenCache:
         return TokenCache(self.prefix, patches, self.labels, self.views, self.grid, self.meta)
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 prefix of every parameter and buffer (names, shapes, bytes)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def cache_key(backbone: Backbone, data: LabelledImages, *, image_size: int, block: int, norm: bool, views: int,
-              seed: int, head_digest: str | None) -> dict:
+              seed: int, head: SoapHead | None) -> dict:
     """Everything the cached tokens depend on (the folder name is its hash)."""
-    return {"format": CACHE_FORMAT, "model_id": backbone.model_id, "weights": weights_digest(backbone),
+    return {"format": CACHE_FORMAT, "model_id": backbone.model_id, "weights": backbone.weights_digest(),
             "image_size": image_size, "block": block, "norm": norm, "views": views,
-            "seed": seed if views > 1 else None, "data": data.fingerprint(), "head": head_digest}
+            "seed": seed if views > 1 else None, "data": data.fingerprint(),
+            "head": None if head is None else head.digest()}
 
 
 def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, block: int = -1, norm: bool = True,
-                  views: int = 1, seed: int = 0, batch_size: int = 64, cache_dir: str | Path | None = None,
-                  head_digest: str | None = None, part_size: int = 1024, label: str = "encoding",
-                  progress: Progress | None = None) -> TokenCache:
+                  views: int = 1, seed: int = 0, head: SoapHead | None = None, batch_size: int = 64,
+                  cache_dir: str | Path | None = None, part_size: int = 1024, stage: str = "encoding",
+                  num_workers: int | None = None, progress: Progress | None = None) -> dict[str, TokenCache]:
     """Tokens of ``block`` for every image of ``data`` (``views − 1`` augmented views each), read
-    from ``cache_dir`` when present, else computed (and written there part by part).
+    from ``cache_dir`` when present, else computed through the token pipeline (and written there
+    part by part). Returns ``{"original": …}`` plus ``"soap"`` with a head; ``meta["encode_seconds"]``
+    is the time spent encoding in this call.
 
-    ``head_digest`` names a SOAP head that ``backbone`` already applies before ``block``; leave
-    it None otherwise. ``meta["encode_seconds"]`` is the time spent encoding in this call.
+    A head at ``block`` is a linear map of the cached tokens: the SOAP variant is computed from the
+    original cache (shared with runs without a head). A head at an earlier block changes the
+    tokens: both variants come from one pass and are cached under a key that includes the head.
     """
     block = backbone.resolve_blocks(block)[0]
+    inside = head if head is not None and head.apply_block < block else None
     key = cache_key(backbone, data, image_size=image_size, block=block, norm=norm, views=views, seed=seed,
-                    head_digest=head_digest)
+                    head=inside)
     folder = None
     if cache_dir is not None:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         folder = Path(cache_dir) / digest
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True))
-    device = backbone.device
+    source = AugmentedViews(data, views, seed)
+    transform = ImageTransform.for_backbone(backbone, size=image_size, mode="square")
     n = len(data)
     parts: list[dict[str, Tensor]] = []
-    encode_seconds = 0.0
-    hits = 0
+    encode_seconds, hits = 0.0, 0
     for part, start in enumerate(range(0, n, part_size)):
         stop = min(n, start + part_size)
         path = folder / f"part-{part:05d}.safetensors" if folder is not None else None
-        if path is not None and path.is_file():
-            parts.append(load_file(str(path)))
+        cached = _read_part(path) if path is not None and path.is_file() else None
+        if cached is not None:
+            parts.append(cached)
             hits += 1
         else:
             t0 = time.perf_counter()
-            parts.append(_encode_part(backbone, data.images[start:stop], start, image_size=image_size, block=block,
-                                      norm=norm, views=views, seed=seed, batch_size=batch_size, device=device,
-                                      progress=progress, total=n, label=label))
+            rows: dict[str, list[Tensor]] = {}
+            for batch in iter_tokens(backbone, source, transform, blocks=block, head=inside, norm=norm,
+                                     indices=range(start * views, stop * views), batch_size=batch_size,
+                                     num_workers=num_workers):
+                for variant, feats in batch.variants().items():
+                    rows.setdefault(f"{variant}.prefix", []).append(feats.prefix[block].half().cpu())
+                    rows.setdefault(f"{variant}.patches", []).append(feats.tokens[block].flatten(1, 2).half().cpu())
+            parts.append({k: torch.cat(v).contiguous() for k, v in rows.items()})
             encode_seconds += time.perf_counter() - t0
             if path is not None:
-                save_file(parts[-1], str(path.with_suffix(".tmp")))
-                path.with_suffix(".tmp").rename(path)
+                partial = path.with_suffix(".partial")
+                save_file(parts[-1], str(partial))
+                partial.replace(path)
         if progress:
-            progress(label, stop, n)
-    prefix = torch.cat([p["prefix"] for p in parts])
-    patches = torch.cat([p["patches"] for p in parts])
+            progress(stage, stop, n)
     side = image_size // backbone.patch_size
     meta = dict(key, encode_seconds=encode_seconds, parts_from_cache=hits, parts=len(parts),
                 folder=str(folder) if folder else None)
-    return TokenCache(prefix, patches, data.labels.clone(), views, (side, side), meta)
+    variants = ["original", "soap"] if inside is not None else ["original"]
+    caches = {v: TokenCache(torch.cat([p[f"{v}.prefix"] for p in parts]), torch.cat([p[f"{v}.patches"] for p in parts]),
+                            data.labels.clone(), views, (side, side), meta) for v in variants}
+    if head is not None and inside is None:
+        caches["soap"] = soap_corrected(caches["original"], head)
+    return caches
 
 
-def _encode_part(backbone, images, offset, *, image_size, block, norm, views, seed, batch_size, device, progress,
-                 total, label) -> dict[str, Tensor]:
-    prefix, patches = [], []
-    for start in range(0, images.shape[0], batch_size):
-        batch = images[start : start + batch_size]
-        # one generator per batch: the views do not depend on how the data was split into parts
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + offset + start)
-        stacked = [batch] + [random_resized_flip(batch, generator) for _ in range(views - 1)]
-        stacked = torch.stack(stacked, dim=1).flatten(0, 1)  # image-major: row i·V + v
-        pixels = to_pixels(stacked, image_size, backbone.image_mean, backbone.image_std).to(device)
-        feats = encode(backbone, pixels, block, norm=norm)
-        prefix.append(feats.prefix[block].half().cpu())
-        patches.append(feats.tokens[block].flatten(1, 2).half().cpu())
-        if progress:
-            progress(label, offset + start + batch.shape[0], total)
-    return {"prefix": torch.cat(prefix).contiguous(), "patches": torch.cat(patches).contiguous()}
+def _read_part(path: Path) -> dict[str, Tensor] | None:
+    """A cached part, or None (with a warning) when the file is damaged: it is encoded again."""
+    try:
+        return read_safetensors(path, "probe cache part")[0]
+    except SoapvitError as err:
+        warnings.warn(f"{err}: encoding it again", stacklevel=3)
+        return None
+
+
+def soap_corrected(cache: TokenCache, head: SoapHead, chunk: int = 2048) -> TokenCache:
+    """The cache with ``head.transform`` applied to every patch token (float32 math, float16 out)."""
+    patches = torch.empty_like(cache.patches)
+    for start in range(0, patches.shape[0], chunk):
+        patches[start : start + chunk] = head.transform(cache.patches[start : start + chunk].float()).half()
+    return cache.with_patches(patches)

@@ -14,11 +14,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import SoapvitError
+from ..validation import COUNT, Options, validate
 
 POOLS = ("cls", "mean", "abmilp")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 SELF_ATTENTION = ("none", "map", "both")
 CONDITIONING = ("none", "pe")
+ABMILP_CONSTRAINTS = {
+    "abmilp_depth": COUNT, "abmilp_activation": Options(tuple(ACTIVATIONS)),
+    "abmilp_self_attention": Options(SELF_ATTENTION), "abmilp_conditioning": Options(CONDITIONING),
+}
 
 
 def sincos_position_embedding(height: int, width: int, dim: int) -> Tensor:
@@ -79,11 +84,9 @@ class AbMILPPool(nn.Module):
     def __init__(self, dim: int, *, depth: int = 1, activation: str = "relu", self_attention: str = "none",
                  conditioning: str = "none", grid: tuple[int, int] | None = None) -> None:
         super().__init__()
-        if depth < 1:
-            raise SoapvitError(f"--abmilp-depth must be at least 1, not {depth}")
-        _check(activation, tuple(ACTIVATIONS), "abmilp-activation")
-        self.self_attention = _check(self_attention, SELF_ATTENTION, "abmilp-self-attention")
-        self.conditioning = _check(conditioning, CONDITIONING, "abmilp-conditioning")
+        validate({"abmilp_depth": depth, "abmilp_activation": activation, "abmilp_self_attention": self_attention,
+                  "abmilp_conditioning": conditioning}, ABMILP_CONSTRAINTS)
+        self.self_attention, self.conditioning = self_attention, conditioning
         if conditioning == "pe" and grid is None:
             raise SoapvitError("positional conditioning needs the patch grid")
         self.grid = grid
@@ -137,15 +140,9 @@ class ProbeClassifier(nn.Module):
 
 def make_pool(name: str, dim: int, *, grid: tuple[int, int] | None = None, **abmilp) -> nn.Module:
     """A pool by name (``cls``, ``mean``, ``abmilp``); ``abmilp`` options go to :class:`AbMILPPool`."""
-    _check(name, POOLS, "pool")
+    validate({"pool": name}, {"pool": Options(POOLS)})
     if name == "cls":
         return ClsPool()
     if name == "mean":
         return MeanPool()
     return AbMILPPool(dim, grid=grid, **abmilp)
-
-
-def _check(value: str, allowed, name: str) -> str:
-    if value not in allowed:
-        raise SoapvitError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
-    return value

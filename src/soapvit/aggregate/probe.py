@@ -2,33 +2,36 @@
 heads trained on the cache, or kNN), on the original tokens and, with a SOAP head, on the
 SOAP-corrected patch tokens.
 
-A head applied at the probed (last) block is a linear map of the cached patch tokens, so the
-corrected tokens are computed from the cache without a second forward pass; a head applied at an
-earlier block changes everything after it, so the attached backbone is encoded (and cached under
-a key that includes the head's digest).
+Images reach the backbone through the token pipeline (:mod:`soapvit.features`) inside
+:func:`~.cache.encode_images`, which also applies the SOAP head by the pipeline's rule.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
 from ..backbones.base import Backbone
+from ..data.labelled import LabelledImages
 from ..errors import SoapvitError
-from .cache import TokenCache, encode_images, weights_digest
-from .datasets import LabelledImages
-from .heads import POOLS, ProbeClassifier, make_pool
+from ..runlog import Progress, RunReport
+from ..soap import SoapHead
+from ..validation import COUNT, OPTIONAL_COUNT, POSITIVE, Options, check_each, validate
+from .cache import TokenCache, encode_images
+from .heads import ABMILP_CONSTRAINTS, POOLS, ProbeClassifier, make_pool
 from .train import ProbeConfig, knn_scores, topk_accuracy, train_probe
 
 METHODS = ("linear", "knn")
+PROBE_CONSTRAINTS = {"method": Options(METHODS), "views": COUNT, "knn_k": COUNT, "knn_temperature": POSITIVE,
+                     "batch_size": COUNT, "image_size": OPTIONAL_COUNT}
 
 
 @dataclass
-class AbMILPOptions:
+class AbMILPConfig:
     """AbMILP head settings (published default: one linear score layer, no self-attention, no
     positional conditioning)."""
 
@@ -36,6 +39,9 @@ class AbMILPOptions:
     activation: str = "relu"
     self_attention: str = "none"
     conditioning: str = "none"
+
+    def __post_init__(self) -> None:
+        validate({f"abmilp_{k}": v for k, v in self.__dict__.items()}, ABMILP_CONSTRAINTS)
 
 
 @dataclass
@@ -53,32 +59,17 @@ class ProbeResult:
 
 
 @dataclass
-class ProbeRun:
-    """Every probe of one backbone, with what the encoding cost."""
+class ProbeReport(RunReport):
+    """Every probe of one backbone: ``results[tokens][pool]`` holds a :class:`ProbeResult` as a dict."""
 
-    model_id: str
-    image_size: int
-    num_patches: int
-    n_train: int
-    n_val: int
-    views: int
-    encode_seconds: float
-    cache_parts_reused: int
-    cache_parts: int
-    seconds: float
-    results: list[ProbeResult] = field(default_factory=list)
-    config: dict = field(default_factory=dict)
+    model_id: str = ""
+    image_size: int = 0
+    num_patches: int = 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    kind = "probe"
 
-
-def soap_corrected(cache: TokenCache, head, chunk: int = 2048) -> TokenCache:
-    """The cache with ``head.transform`` applied to every patch token (float32 math, float16 out)."""
-    patches = torch.empty_like(cache.patches)
-    for start in range(0, patches.shape[0], chunk):
-        patches[start : start + chunk] = head.transform(cache.patches[start : start + chunk].float()).half()
-    return cache.with_patches(patches)
+    def rows(self) -> list[ProbeResult]:
+        return [ProbeResult(**r) for pools in self.results.values() for r in pools.values()]
 
 
 def pooled_features(pool_name: str, cache: TokenCache) -> Tensor:
@@ -89,49 +80,37 @@ def pooled_features(pool_name: str, cache: TokenCache) -> Tensor:
 
 
 def run_probe(backbone: Backbone, train: LabelledImages, val: LabelledImages, *,
-              pools: Sequence[str] = POOLS, method: str = "linear", soap_head=None, image_size: int | None = None,
-              views: int = 1, config: ProbeConfig | None = None, abmilp: AbMILPOptions | None = None,
-              knn_k: int = 20, knn_temperature: float = 0.07, cache_dir=None, batch_size: int = 64,
-              progress: Callable[[str, int, int], None] | None = None) -> ProbeRun:
-    """Probe ``backbone`` (frozen) on ``train``→``val`` for every pool in ``pools``."""
+              pools: Sequence[str] = POOLS, method: str = "linear", head: SoapHead | None = None,
+              image_size: int | None = None, views: int = 1, config: ProbeConfig | None = None,
+              abmilp: AbMILPConfig | None = None, knn_k: int = 20, knn_temperature: float = 0.07, cache_dir=None,
+              batch_size: int = 64, num_workers: int | None = None, progress: Progress | None = None) -> ProbeReport:
+    """Probe ``backbone`` (frozen, last block) on ``train``→``val`` for every pool in ``pools``; with
+    a head, also on the SOAP-corrected tokens (see :func:`~.cache.encode_images` for where the head
+    applies)."""
     start_time = time.perf_counter()
     config = config or ProbeConfig()
-    abmilp = abmilp or AbMILPOptions()
-    if method not in METHODS:
-        raise SoapvitError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
-    for pool in pools:
-        if pool not in POOLS:
-            raise SoapvitError(f"--pool must be among {', '.join(POOLS)}, not {pool!r}")
-        if method == "knn" and pool == "abmilp":
-            raise SoapvitError("--method knn works with --pool cls or mean (AbMILP weights must be trained)")
+    abmilp = abmilp or AbMILPConfig()
+    validate({"method": method, "views": views, "knn_k": knn_k, "knn_temperature": knn_temperature,
+              "batch_size": batch_size, "image_size": image_size}, PROBE_CONSTRAINTS)
+    check_each("pool", pools, Options(POOLS))
+    if method == "knn" and "abmilp" in pools:
+        raise SoapvitError("--method knn works with --pool cls or mean (AbMILP weights must be trained)")
     if (train.labels < 0).any() or (val.labels < 0).any():
         raise SoapvitError("probes need labelled data: shards with .cls files or one sub-folder per class")
-    if soap_head is not None and soap_head.projector.shape[0] != backbone.embed_dim:
-        raise SoapvitError(f"--head dimension {soap_head.projector.shape[0]} does not match "
-                           f"{backbone.model_id} ({backbone.embed_dim})")
     size = image_size or backbone.image_size
     if size % backbone.patch_size:
         raise SoapvitError(f"--image-size {size} is not a multiple of the patch size {backbone.patch_size}")
-    block = backbone.num_blocks - 1
-    common = dict(image_size=size, block=block, batch_size=batch_size, cache_dir=cache_dir, progress=progress)
-    caches = {"original": (encode_images(backbone, train, views=views, seed=config.seed, label="encoding train",
-                                         **common),
-                           encode_images(backbone, val, label="encoding val", **common))}
-    if soap_head is not None:
-        if soap_head.apply_layer == block:
-            caches["soap"] = tuple(soap_corrected(c, soap_head) for c in caches["original"])
-        else:
-            from ..soap import attach
-
-            corrected = attach(backbone, soap_head)
-            digest = weights_digest(soap_head)
-            caches["soap"] = (encode_images(corrected, train, views=views, seed=config.seed, head_digest=digest,
-                                            label="encoding train (SOAP)", **common),
-                              encode_images(corrected, val, head_digest=digest, label="encoding val (SOAP)", **common))
+    if head is not None:
+        head.check_backbone(backbone, allow_other=True)
+    common = dict(image_size=size, head=head, batch_size=batch_size, cache_dir=cache_dir, num_workers=num_workers,
+                  progress=progress)
+    train_caches = encode_images(backbone, train, views=views, seed=config.seed, stage="encoding train", **common)
+    val_caches = encode_images(backbone, val, stage="encoding val", **common)
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
     dim = backbone.embed_dim
-    results = []
-    for tokens, (train_cache, val_cache) in caches.items():
+    results: dict[str, dict[str, dict]] = {}
+    for tokens, train_cache in train_caches.items():
+        val_cache = val_caches[tokens]
         for pool in pools:
             t0 = time.perf_counter()
             if method == "knn":
@@ -139,23 +118,26 @@ def run_probe(backbone: Backbone, train: LabelledImages, val: LabelledImages, *,
                                     pooled_features(pool, val_cache), k=knn_k, temperature=knn_temperature,
                                     num_classes=num_classes)
                 top1, top5 = topk_accuracy(scores, val_cache.labels)
-                results.append(ProbeResult(pool, tokens, method, top1, top5, seconds=time.perf_counter() - t0))
-                continue
-            torch.manual_seed(config.seed)
-            classifier = ProbeClassifier(make_pool(pool, dim, grid=train_cache.grid, **asdict(abmilp)), dim,
-                                         num_classes)
-            score = train_probe(classifier, train_cache, val_cache, config, progress=progress)
-            results.append(ProbeResult(pool, tokens, method, score.top1, score.top5, score.weight_entropy,
-                                       score.weight_count90, score.seconds))
-    all_caches = [c for pair in caches.values() for c in pair]
-    train_cache = caches["original"][0]
-    return ProbeRun(
-        model_id=backbone.model_id, image_size=size, num_patches=train_cache.patches.shape[1], n_train=len(train),
-        n_val=len(val), views=views, encode_seconds=sum(c.meta["encode_seconds"] for c in all_caches),
-        cache_parts_reused=sum(c.meta["parts_from_cache"] for c in all_caches),
-        cache_parts=sum(c.meta["parts"] for c in all_caches), seconds=time.perf_counter() - start_time,
-        results=results,
-        config={"probe": asdict(config), "abmilp": asdict(abmilp), "method": method, "knn_k": knn_k,
+                result = ProbeResult(pool, tokens, method, top1, top5, seconds=time.perf_counter() - t0)
+            else:
+                torch.manual_seed(config.seed)
+                classifier = ProbeClassifier(make_pool(pool, dim, grid=train_cache.grid, **asdict(abmilp)), dim,
+                                             num_classes)
+                score = train_probe(classifier, train_cache, val_cache, config, progress=progress)
+                result = ProbeResult(pool, tokens, method, score.top1, score.top5, score.weight_entropy,
+                                     score.weight_count90, score.seconds)
+            results.setdefault(tokens, {})[pool] = asdict(result)
+    metas = [c.meta for c in (*train_caches.values(), *val_caches.values())]
+    train_cache = train_caches["original"]
+    settings = {"probe": asdict(config), "abmilp": asdict(abmilp), "method": method, "knn_k": knn_k,
+                "knn_temperature": knn_temperature, "views": views, "n_train": len(train), "n_val": len(val),
+                "head": None if head is None else {"backbone": head.metadata.get("backbone"),
+                                                   "apply_block": head.apply_block},
                 "train": train.identity | {"files": len(train.identity.get("files", []))},
-                "val": val.identity | {"files": len(val.identity.get("files", []))}},
-    )
+                "val": val.identity | {"files": len(val.identity.get("files", []))},
+                "cache_parts": sum(m["parts"] for m in {m["folder"] or id(m): m for m in metas}.values()),
+                "cache_parts_reused": sum(m["parts_from_cache"] for m in {m["folder"] or id(m): m for m in metas}.values())}
+    encode_seconds = sum(m["encode_seconds"] for m in {m["folder"] or id(m): m for m in metas}.values())
+    return ProbeReport(results=results, settings=settings,
+                       seconds={"encode": encode_seconds, "total": time.perf_counter() - start_time},
+                       model_id=backbone.model_id, image_size=size, num_patches=train_cache.patches.shape[1])

@@ -11,17 +11,16 @@ before training.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import SoapvitError
+from ..runlog import Progress
 from ..schedule import learning_rate
+from ..validation import COUNT, Interval, Options, validate
 from .cache import TokenCache
 from .heads import ProbeClassifier
 
@@ -65,6 +64,13 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+PROBE_TRAINING_CONSTRAINTS = {
+    "optimizer": Options(OPTIMIZERS), "epochs": COUNT, "batch_size": Interval(int, 2), "lr": Interval(
+        float, 0, open_low=True, optional=True), "warmup_epochs": Interval(float, 0), "weight_decay": Interval(float, 0),
+    "seed": Interval(int),
+}
+
+
 @dataclass
 class ProbeConfig:
     """Probe training settings; ``lr`` is the peak learning rate (None → 6.4 for LARS, 1e-3 for AdamW)."""
@@ -76,15 +82,9 @@ class ProbeConfig:
     warmup_epochs: float = 10
     weight_decay: float = 0.0
     seed: int = 0
-    threads: int | None = 1
-    """torch CPU threads while training (restored after); None keeps the current setting. Probe
-    heads are small: on the shared 2-core machine 1 thread was 10× faster than 2 (spin-waits)."""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise SoapvitError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise SoapvitError("--epochs must be ≥ 1 and --batch-size ≥ 2")
+        validate(self.__dict__, PROBE_TRAINING_CONSTRAINTS)
 
     @property
     def peak_lr(self) -> float:
@@ -130,28 +130,11 @@ def _logits(classifier: ProbeClassifier, inputs: tuple) -> tuple[Tensor, Tensor 
     return classifier(*inputs)
 
 
-@contextlib.contextmanager
-def cpu_threads(threads: int | None):
-    """Temporarily set torch's CPU thread count."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_probe(classifier: ProbeClassifier, train: TokenCache, val: TokenCache, config: ProbeConfig | None = None,
-                progress: Callable[[str, int, int], None] | None = None) -> ProbeScore:
+                progress: Progress | None = None) -> ProbeScore:
     """Train ``classifier`` on ``train`` (a random view per image each epoch) and score it on
     the plain view of ``val``."""
     config = config or ProbeConfig()
-    with cpu_threads(config.threads):
-        return _train(classifier, train, val, config, progress)
-
-
-def _train(classifier, train, val, config, progress) -> ProbeScore:
     start_time = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)

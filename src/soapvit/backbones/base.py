@@ -8,7 +8,7 @@ Sources (``hf:``, ``timm:``, ``zoo:``, the native ViT) only implement :meth:`Bac
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +16,10 @@ from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Edit = Callable[[Tensor], Tensor]
+"""Replaces a block's output sequence ``(B, P + h*w, D)`` (prefix first) inside the forward pass,
+so that every later block sees the edited tokens."""
 
 
 @dataclass
@@ -77,8 +81,11 @@ class Backbone(nn.Module):
 
     # -- to implement -------------------------------------------------------------------------
     def _run(
-        self, pixels: Tensor, blocks: Sequence[int], norm: bool, keys: bool, attentions: Sequence[int]
+        self, pixels: Tensor, blocks: Sequence[int], norm: bool, keys: bool, attentions: Sequence[int],
+        edits: Mapping[int, Edit],
     ) -> RawOutput:
+        """One forward pass; ``edits[b]`` replaces block ``b``'s output before later blocks (and
+        before it is returned)."""
         raise NotImplementedError
 
     # -- public API ---------------------------------------------------------------------------
@@ -116,17 +123,20 @@ class Backbone(nn.Module):
         norm: bool = True,
         keys: bool = False,
         attentions: int | str | Iterable[int] | None = (),
+        edits: Mapping[int, Edit] | None = None,
     ) -> Features:
         """Encode normalised ``pixels`` ``(B, 3, H, W)`` once and return the requested outputs.
 
         ``norm`` applies the model's final normalisation to every returned block (as DINOv2's
         ``get_intermediate_layers`` does); ``keys`` adds the last block's attention keys;
-        ``attentions`` names the blocks whose attention maps to return.
+        ``attentions`` names the blocks whose attention maps to return; ``edits`` maps a block
+        to an :data:`Edit` of its output inside the pass.
         """
         h, w = self.grid_size(pixels)
         block_ids = self.resolve_blocks(blocks)
         attn_ids = self.resolve_blocks(attentions) if attentions not in ((), [], None) else []
-        raw = self._run(pixels, block_ids, norm, keys, attn_ids)
+        edits = {self.resolve_blocks(b)[0]: fn for b, fn in (edits or {}).items()}
+        raw = self._run(pixels, block_ids, norm, keys, attn_ids, edits)
         p = self.num_prefix_tokens
         tokens, prefix = {}, {}
         for b in block_ids:
@@ -147,6 +157,12 @@ class Backbone(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def weights_digest(self) -> str:
+        """Short content digest of every parameter and buffer (names, dtypes, shapes, bytes)."""
+        from .wheels import tensor_digest
+
+        return tensor_digest(self.state_dict())[:16]
 
     def describe(self) -> dict:
         """Plain-data description, stored in head files and model cards."""

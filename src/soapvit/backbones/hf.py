@@ -1,13 +1,14 @@
 """``hf:<repo id or local folder>``: Vision Transformers from Hugging Face transformers.
 
 One adapter for every supported family (ViT/DeiT, ViTMAE, Dinov2, Dinov2WithRegisters, DINOv3
-ViT, I-JEPA, BEiT, Data2Vec-Vision). Block outputs and the last block's keys are captured with
-forward hooks on the model's own layer and key-projection modules, so one forward pass serves
-any set of blocks. Conventions:
+ViT, I-JEPA, BEiT, Data2Vec-Vision, CLIPVisionModel). Block outputs and the last block's keys
+are captured with forward hooks on the model's own layer and key-projection modules, so one
+forward pass serves any set of blocks. Conventions:
 
 - ``norm=True`` applies the module that turns the last block's output into the model's
   ``last_hidden_state`` (``layernorm``/``norm``; an identity for BEiT-style models with mean
-  pooling, whose final norm acts on the pooled vector only);
+  pooling, whose final norm acts on the pooled vector only); for CLIP, whose ``last_hidden_state``
+  is un-normalised, it is ``post_layernorm`` applied to every token, as timm's CLIP ViTs do;
 - keys are the key projection's output, heads concatenated (before RoPE for DINOv3);
 - ViTMAE runs with ``mask_ratio=0`` and the identity shuffle, so its tokens are in patch order;
 - other input sizes work: ``interpolate_pos_encoding`` is passed where the model takes it
@@ -31,13 +32,14 @@ from .registry import register_source
 
 SUPPORTED = (
     "vit", "deit", "vit_mae", "dinov2", "dinov2_with_registers", "dinov3_vit", "ijepa", "beit",
-    "data2vec-vision",
+    "data2vec-vision", "clip_vision_model",
 )
 NO_CLS = ("ijepa",)
 WITH_DISTILLATION_TOKEN = ("deit",)
 # where the transformer blocks live, across families and transformers versions
-LAYER_PATHS = ("layers", "encoder.layer", "encoder.layers", "model.layer", "model.layers")
-FINAL_NORMS = ("layernorm", "norm")
+LAYER_PATHS = ("layers", "encoder.layer", "encoder.layers", "model.layer", "model.layers",
+               "vision_model.encoder.layers")
+FINAL_NORMS = ("layernorm", "norm", "post_layernorm", "vision_model.post_layernorm")
 KEY_MODULE = re.compile(r"(^|\.)(key|k_proj)$")
 
 
@@ -57,10 +59,11 @@ def _blocks(model: nn.Module, depth: int) -> nn.ModuleList:
 
 
 def _final_norm(model: nn.Module) -> nn.Module:
-    for name in FINAL_NORMS:
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Module):
-            return module
+    for path in FINAL_NORMS:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
     return nn.Identity()
 
 
@@ -69,6 +72,11 @@ def _key_projection(block: nn.Module) -> nn.Linear | None:
         if KEY_MODULE.search(name) and isinstance(module, nn.Linear):
             return module
     return None
+
+
+def _edit_output(out, fn):
+    """Apply ``fn`` to a block's hidden states, whether the block returns a tensor or a tuple."""
+    return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
 
 
 def num_prefix_tokens(config) -> int:
@@ -118,10 +126,13 @@ class HFBackbone(Backbone):
                 self.model.config._attn_implementation = implementation
         return previous
 
-    def _run(self, pixels: Tensor, blocks, norm: bool, keys: bool, attentions) -> RawOutput:
+    def _run(self, pixels: Tensor, blocks, norm: bool, keys: bool, attentions, edits) -> RawOutput:
         captured: dict[int, Tensor] = {}
         key_out: list[Tensor] = []
-        handles = [
+        # edit hooks first: forward hooks run in registration order, so the capture sees the edit
+        handles = [self.blocks[b].register_forward_hook(lambda _m, _i, out, fn=fn: _edit_output(out, fn))
+                   for b, fn in edits.items()]
+        handles += [
             self.blocks[b].register_forward_hook(
                 lambda _m, _i, out, b=b: captured.__setitem__(b, out[0] if isinstance(out, tuple) else out))
             for b in blocks

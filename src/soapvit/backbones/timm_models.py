@@ -36,10 +36,13 @@ class TimmBackbone(Backbone):
                          image_std=cfg.get("std", (0.229, 0.224, 0.225)))
         self.model = model
 
-    def _run(self, pixels: Tensor, blocks, norm: bool, keys: bool, attentions) -> RawOutput:
+    def _run(self, pixels: Tensor, blocks, norm: bool, keys: bool, attentions, edits) -> RawOutput:
         captured: dict[int, Tensor] = {}
         qkv: dict[int, Tensor] = {}
-        handles = [self.model.blocks[b].register_forward_hook(
+        # edit hooks first: forward hooks run in registration order, so the capture sees the edit
+        handles = [self.model.blocks[b].register_forward_hook(lambda _m, _i, out, fn=fn: fn(out))
+                   for b, fn in edits.items()]
+        handles += [self.model.blocks[b].register_forward_hook(
             lambda _m, _i, out, b=b: captured.__setitem__(b, out)) for b in blocks]
         for b in {*attentions, *([self.num_blocks - 1] if keys else [])}:
             handles.append(self.model.blocks[b].attn.qkv.register_forward_hook(

@@ -194,16 +194,18 @@ class VisionTransformerBackbone(Backbone):
         self.vit = network if network is not None else VisionTransformer(config)
         self.config = config
 
-    def _run(self, pixels, blocks, norm, keys, attentions) -> RawOutput:
+    def _run(self, pixels, blocks, norm, keys, attentions, edits) -> RawOutput:
         vit = self.vit
         x = vit.embed_patches(pixels)
         x = torch.cat([vit.prefix(x.shape[0]), x], dim=1)
         final = len(vit.blocks) - 1
         wanted, attn_ids = set(blocks), set(attentions)
-        last = final if keys else max(wanted | attn_ids)
+        last = final if keys else max(wanted | attn_ids | set(edits))
         hidden, maps, key_seq = {}, {}, None
         for i, block in enumerate(vit.blocks[: last + 1]):
             x, block_keys, probs = block.forward_inspect(x, with_probs=i in attn_ids)
+            if i in edits:
+                x = edits[i](x)
             if probs is not None:
                 maps[i] = probs
             if keys and i == final:

@@ -7,6 +7,7 @@ only assembles them and turns user errors into one-line messages.
 from __future__ import annotations
 
 import sys
+import traceback
 
 import typer
 from rich.console import Console
@@ -28,12 +29,34 @@ report = Console()  # results
 from . import soap_commands, evaluate, probe, pretrain, html_report  # noqa: E402,F401,I001
 
 
+def show_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        report.print(f"soapvit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                         help="Print the version and exit.")) -> None:
+    """Find and remove non-semantic noise in self-supervised ViT patch tokens (SOAP)."""
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point: run the app; user errors print one line and exit with status 2."""
+    """Entry point: user errors print one line on stderr and exit with status 2; anything else is a
+    bug: its traceback is printed, with a line saying so, and the status is 1."""
+    from rich.markup import escape
+
     from ..errors import SoapvitError
 
     try:
         app(args)
-    except (SoapvitError, FileNotFoundError, NotADirectoryError) as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    except (SoapvitError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Exception:
+        traceback.print_exc()
+        console.print("[bold red]This is a bug in soapvit[/]: please report it with the command and the traceback above.",
+                      highlight=False)
+        sys.exit(1)

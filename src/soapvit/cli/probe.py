@@ -11,14 +11,13 @@ import typer
 from rich.table import Table
 
 from ..errors import SoapvitError
-from . import app, console, report
-from .soap_commands import RichProgress
+from . import app, report
+from .common import (AllowOtherOpt, DeviceOpt, ModelOpt, RichProgress, ThreadsOpt, check_writable, load_backbone,
+                     load_head, say, set_threads, write_json)
 
 DATA_HELP = ("DIR or DIR:SPLIT — tar shards DIR/SPLIT-*.tar[.gz] (e.g. ../shared/data/tiny-imagenet), or an "
              "ImageFolder with one sub-folder per class (in DIR/SPLIT if it exists).")
 DEFAULT_CACHE = Path.home() / ".cache" / "soapvit" / "probe"
-THREADS_HELP = ("CPU threads for torch. 1 by default: on a busy 2-core machine OpenMP spin-waiting made 2 threads "
-                "3× slower for encoding and 10× slower for probe training than 1 thread.")
 
 
 def parse_pools(value: str) -> list[str]:
@@ -31,17 +30,9 @@ def parse_pools(value: str) -> list[str]:
     return pools
 
 
-def set_threads(threads: int) -> None:
-    import torch
-
-    if threads < 1:
-        raise SoapvitError(f"--threads must be at least 1, not {threads}")
-    torch.set_num_threads(threads)
-
-
 @app.command("probe")
 def probe_command(
-    model: Annotated[str, typer.Option(help="Backbone id: hf:<repo|dir>, timm:<name>, zoo:<name>.")],
+    model: ModelOpt,
     train: Annotated[str, typer.Option(help=f"Training data (default split 'train'): {DATA_HELP}")],
     val: Annotated[str, typer.Option(help="Validation data (default split 'val'), same forms as --train.")],
     pool: Annotated[str, typer.Option(help="Comma list of pools: cls, mean, abmilp.")] = "cls,mean,abmilp",
@@ -68,49 +59,47 @@ def probe_command(
     cache_dir: Annotated[Path, typer.Option(help="Feature cache folder.")] = DEFAULT_CACHE,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: auto).")] = None,
+    device: DeviceOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of views and probe training.")] = 0,
-    threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 1,
+    allow_other_backbone: AllowOtherOpt = False,
+    threads: ThreadsOpt = 1,
 ) -> None:
     """Probe a frozen backbone: CLS vs mean vs AbMILP pooling, top-1/top-5 on --val."""
-    from ..aggregate import AbMILPOptions, ProbeConfig, load_labelled, run_probe
-    from ..backbones import load
-    from ..features import resolve_device
+    from ..aggregate import AbMILPConfig, ProbeConfig, run_probe
+    from ..data.labelled import load_labelled
 
     pools = parse_pools(pool)
     set_threads(threads)
     config = ProbeConfig(optimizer=optimizer, epochs=epochs, batch_size=probe_batch_size, lr=lr,
                          warmup_epochs=warmup_epochs, weight_decay=weight_decay, seed=seed)
-    abmilp = AbMILPOptions(abmilp_depth, abmilp_activation, abmilp_self_attention, abmilp_conditioning)
-    if views < 1:
-        raise SoapvitError("--views must be at least 1")
-    soap_head = None
-    if head is not None:
-        from ..soap import SoapHead
-
-        soap_head = SoapHead.load(head)
+    abmilp = AbMILPConfig(abmilp_depth, abmilp_activation, abmilp_self_attention, abmilp_conditioning)
+    if method not in ("linear", "knn"):
+        raise SoapvitError(f"--method must be one of linear, knn, not {method!r}")
+    check_writable(out)
+    soap_head = load_head(head)
     train_data = load_labelled(train, "train", per_class=per_class, what="--train")
     val_data = load_labelled(val, "val", per_class=val_per_class, what="--val")
-    dev = resolve_device(device)
-    backbone = load(model, device=str(dev))
-    console.print(f"{model}: {len(train_data)} train / {len(val_data)} val images, {train_data.num_classes} classes")
+    backbone = load_backbone(model, device)
+    if soap_head is not None:
+        soap_head.check_backbone(backbone, allow_other=allow_other_backbone)
+    say(f"{model}: {len(train_data)} train / {len(val_data)} val images, {train_data.num_classes} classes")
     with RichProgress() as progress:
-        run = run_probe(backbone, train_data, val_data, pools=pools, method=method, soap_head=soap_head,
+        run = run_probe(backbone, train_data, val_data, pools=pools, method=method, head=soap_head,
                         image_size=image_size, views=views, config=config, abmilp=abmilp, knn_k=knn_k,
                         cache_dir=None if no_cache else cache_dir, batch_size=batch_size, progress=progress)
-    console.print(f"encoding {run.encode_seconds:.1f} s ({run.cache_parts_reused}/{run.cache_parts} cache parts "
-                  f"reused), total {run.seconds:.1f} s")
+    run.settings["head"] = str(head) if head else None
+    settings = run.settings
+    say(f"encoding {run.seconds['encode']:.1f} s ({settings['cache_parts_reused']}/{settings['cache_parts']} cache "
+        f"parts reused), total {run.seconds['total']:.1f} s")
     table = Table(title=f"{method} probes — {model} at {run.image_size} px")
     for col in ("pool", "tokens", "top-1 %", "top-5 %", "weight entropy", "patches for 90%"):
         table.add_column(col, justify="right")
-    for r in run.results:
+    for r in run.rows():
         table.add_row(r.pool, r.tokens, f"{100 * r.top1:.2f}", f"{100 * r.top5:.2f}",
                       "-" if r.weight_entropy is None else f"{r.weight_entropy:.2f}",
                       "-" if r.weight_count90 is None else f"{r.weight_count90:.1f} / {run.num_patches}")
     report.print(table)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(run.to_dict() | {"head": str(head) if head else None}, indent=1))
+    write_json(out, run.to_dict())
 
 
 @app.command("attention")
@@ -124,44 +113,44 @@ def attention_command(
     probe_results: Annotated[list[Path] | None, typer.Option(
         help="JSON from soapvit probe --out: adds the AbMILP weight statistics to the figure.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: auto).")] = None,
-    threads: Annotated[int, typer.Option(help=THREADS_HELP)] = 1,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = 1,
 ) -> None:
     """Entropy of the CLS token's attention over patches, and the patches holding 90% of it, per block."""
-    from ..aggregate import attention_profile, load_labelled, plot_profiles
-    from ..backbones import load
-    from ..features import resolve_device
+    from ..aggregate import attention_profile
+    from ..data.labelled import load_labelled
+    from ..plots import plot_attention_profiles
 
     set_threads(threads)
     sizes = list(image_size or [])
     if len(sizes) not in (0, 1, len(model)):
         raise SoapvitError(f"--image-size: give one size or one per --model ({len(model)}), not {len(sizes)}")
     sizes = sizes * len(model) if len(sizes) == 1 else sizes or [None] * len(model)
-    data = load_labelled(images, "val", limit=limit, what="--images")
+    check_writable(out / "attention.json")
     abmilp = {}
     for path in probe_results or []:
         if not path.is_file():
             raise SoapvitError(f"--probe-results: {path} does not exist")
-        run = json.loads(path.read_text())
-        for r in run["results"]:
-            if r["pool"] == "abmilp" and r["tokens"] == "original":
-                abmilp[run["model_id"]] = {"entropy": r["weight_entropy"], "count90": r["weight_count90"]}
-    dev = resolve_device(device)
-    profiles = []
+        try:
+            run = json.loads(path.read_text())
+            abmilp[run["model_id"]] = {k: run["results"]["original"]["abmilp"][f"weight_{k}"]
+                                       for k in ("entropy", "count90")}
+        except (ValueError, KeyError, TypeError) as err:
+            raise SoapvitError(f"--probe-results: {path} is not a probe JSON with AbMILP results ({err!r})") from None
+    backbones = [load_backbone(m, device) for m in model]
+    sizes = [size or backbone.image_size for size, backbone in zip(sizes, backbones)]
+    # a folder of mixed-size images is resized once at read time, to the largest input size
+    data = load_labelled(images, "val", limit=limit, size=max(sizes), what="--images")
     with RichProgress() as progress:
-        for model_id, size in zip(model, sizes):
-            backbone = load(model_id, device=str(dev))
-            profiles.append(attention_profile(backbone, data, image_size=size or backbone.image_size,
-                                              batch_size=batch_size, progress=progress))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attention.json").write_text(json.dumps({"profiles": [p.to_dict() for p in profiles], "abmilp": abmilp},
-                                                   indent=1))
-    plot_profiles(profiles, out / "attention.png", abmilp)
+        profiles = [attention_profile(backbone, data, image_size=size, batch_size=batch_size, progress=progress)
+                    for backbone, size in zip(backbones, sizes)]
+    write_json(out / "attention.json", {"profiles": [p.to_dict() for p in profiles], "abmilp": abmilp})
+    say(f"wrote {plot_attention_profiles(profiles, out / 'attention.png', abmilp)}")
     for p in profiles:
         table = Table(title=f"CLS attention over {p.num_patches} patches — {p.model_id} ({p.images} images)")
         for col in ("block", "entropy (nats)", "/ log N", "patches for 90%", "CLS→patch mass"):
             table.add_column(col, justify="right")
-        for b, (e, c, m) in enumerate(zip(p.entropy, p.count90, p.patch_mass)):
+        stats = p.results
+        for b, (e, c, m) in enumerate(zip(stats["entropy"], stats["count90"], stats["patch_mass"])):
             table.add_row(str(b), f"{e:.3f}", f"{e / p.max_entropy:.3f}", f"{c:.1f}", f"{m:.3f}")
         report.print(table)
-    console.print(f"wrote {out / 'attention.json'} and {out / 'attention.png'}")

@@ -7,23 +7,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import SoapvitError
-from . import app, console, report
+from . import app, report
+from .common import (BlocksOpt, DeviceOpt, ModelOpt, RichProgress, ThreadsOpt, check_writable, load_backbone,
+                     parse_blocks, parse_int_list, print_log, say, set_threads)
 
 DEMO_MODEL = "zoo:dinov2-s14-imgfocus"
-
-
-def parse_layers(value: str) -> str | list[int]:
-    """``all``, ``last`` or a comma list of block indices (negative allowed)."""
-    if value in ("all", "last"):
-        return value
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise SoapvitError(f"--layers must be 'all', 'last' or a comma list of block indices, not {value!r}") from None
 
 
 def parse_mu(value: str) -> float | None:
@@ -35,94 +27,86 @@ def parse_mu(value: str) -> float | None:
         raise SoapvitError(f"--mu must be a number or 'auto', not {value!r}") from None
 
 
-class RichProgress:
-    """Adapter from ``progress(stage, done, total)`` callbacks to a Rich progress display."""
-
-    def __init__(self) -> None:
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), console=console, transient=False)
-        self.tasks: dict[str, int] = {}
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(stage, total=total)
-        self.bar.update(self.tasks[stage], completed=done)
-
-
-def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, layers="all", apply_layer=-1,
+def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, blocks="all", apply_block=-1,
             image_size=None, batch_size=32, device=None, seed=0, variant="reference", weighting=None,
-            mu="2", tau=0.05, remove="", generator="mixture", cache_gb=8.0):
-    """Load, fit, save; returns ``(backbone, head, report)``."""
-    from ..backbones import load
-    from ..data.images import list_images
-    from ..features import resolve_device
-    from ..fitting import fit
-    from ..soap import SoapConfig
+            mu="2", tau=0.05, remove="", generator="mixture", cache_gb=8.0, threads=None):
+    """Check every argument, then load, fit, save; returns ``(backbone, head, report)``.
 
+    ``remove`` lists principal components by their 1-based number (``PC3`` → 3), as ``inspect``
+    prints them."""
+    from ..data.images import list_images
+    from ..fitting import FIT_CONSTRAINTS, fit
+    from ..soap import SoapConfig
+    from ..validation import validate
+
+    if threads is not None:
+        set_threads(threads)
+    validate({"limit": limit, "synthetic": synthetic, "image_size": image_size, "batch_size": batch_size,
+              "cache_gb": cache_gb, "generator": generator, "seed": seed}, FIT_CONSTRAINTS)
+    pcs = parse_int_list(remove, "--remove")
+    if any(pc < 1 for pc in pcs):
+        raise SoapvitError(f"--remove lists principal components from 1 (PC1 = largest variance), not {remove!r}")
+    config = SoapConfig(variant=variant, weighting=weighting, mu=parse_mu(mu), tau=tau, remove=[pc - 1 for pc in pcs])
+    block_selection = parse_blocks(blocks)
+    check_writable(out)
     files = list_images(images, limit, recursive=True)  # check the folder before loading a model
-    config = SoapConfig(variant=variant, weighting=weighting, mu=parse_mu(mu), tau=tau,
-                        remove=[int(c) for c in remove.split(",") if c.strip()])
-    dev = resolve_device(device)
-    backbone = load(model, device=str(dev))
+    backbone = load_backbone(model, device)
+    if image_size is not None and image_size < 2 * backbone.patch_size:
+        raise SoapvitError(f"--image-size {image_size} gives fewer than 2x2 patches of {backbone.patch_size} px")
+    backbone.resolve_blocks(block_selection)
+    backbone.resolve_blocks(apply_block)
     with RichProgress() as progress:
-        head, report = fit(backbone, files, synthetic=synthetic, generator=generator,
-                           blocks=parse_layers(layers), apply_layer=apply_layer, image_size=image_size,
-                           batch_size=batch_size, device=dev, seed=seed, config=config, cache_gb=cache_gb,
-                           progress=progress)
+        head, result = fit(backbone, files, synthetic=synthetic, generator=generator, blocks=block_selection,
+                           apply_block=apply_block, image_size=image_size, batch_size=batch_size,
+                           device=backbone.device, seed=seed, config=config, cache_gb=cache_gb, progress=progress)
     head.save(out)
-    return backbone, head, report
+    return backbone, head, result
 
 
 @app.command("fit")
 def fit_command(
-    model: Annotated[str, typer.Option(help="Backbone id: hf:<repo|dir>, timm:<name>, zoo:<name>.")],
+    model: ModelOpt,
     images: Annotated[Path, typer.Option(help="Folder of natural images (subfolders included).")],
     out: Annotated[Path, typer.Option(help="Head file to write (.safetensors).")],
     limit: Annotated[int | None, typer.Option(help="Use at most N images.")] = None,
     synthetic: Annotated[int | None, typer.Option(help="Synthetic images (default: as many as real).")] = None,
-    layers: Annotated[str, typer.Option(help="Blocks to fit: all, last or a comma list.")] = "all",
-    apply_layer: Annotated[int, typer.Option(help="Block the projector applies to.")] = -1,
+    blocks: BlocksOpt = "all",
+    apply_block: Annotated[int, typer.Option("--apply-block", "--apply-layer",
+                                             help="Block the projector applies to (0-based, negative from the end).")] = -1,
     image_size: Annotated[int | None, typer.Option(help="Square input size (default: the model's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: auto).")] = None,
+    device: DeviceOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic images.")] = 0,
     variant: Annotated[str, typer.Option(help="reference (authors' code) or paper (project page).")] = "reference",
     weighting: Annotated[str | None, typer.Option(help="reference, paper, si or manual (default: the variant).")] = None,
     mu: Annotated[str, typer.Option(help="Cut-off μ, or 'auto' (= number of components with SI > 0.75).")] = "2",
     tau: Annotated[float, typer.Option(help="Sigmoid temperature τ.")] = 0.05,
-    remove: Annotated[str, typer.Option(help="Manual truncation: comma list of components to remove.")] = "",
+    remove: Annotated[str, typer.Option(help="Manual truncation: comma list of principal components to remove, "
+                                             "numbered from 1 as inspect prints them (PC3 → 3).")] = "",
     generator: Annotated[str, typer.Option(help="Synthetic generator: mixture, marginal, pink, modulated, gradient.")] = "mixture",
     cache_gb: Annotated[float, typer.Option(help="Memory for caching real tokens between passes.")] = 8.0,
+    threads: ThreadsOpt = 1,
 ) -> None:
     """Fit a SOAP head: PCA of patch tokens, SI scores, projector."""
-    _, head, report = run_fit(model, images, out, limit=limit, synthetic=synthetic, layers=layers,
-                              apply_layer=apply_layer, image_size=image_size, batch_size=batch_size,
+    _, head, result = run_fit(model, images, out, limit=limit, synthetic=synthetic, blocks=blocks,
+                              apply_block=apply_block, image_size=image_size, batch_size=batch_size,
                               device=device, seed=seed, variant=variant, weighting=weighting, mu=mu, tau=tau,
-                              remove=remove, generator=generator, cache_gb=cache_gb)
-    if report.skipped:
-        console.print(f"[yellow]skipped {len(report.skipped)} unreadable image(s)[/]: "
-                      + ", ".join(str(p) for p in report.skipped[:5]))
-    console.print(f"fitted {len(head.blocks)} block(s) on {report.n_real} real + {report.n_synthetic} synthetic "
-                  f"images in {report.seconds:.1f} s ({report.images_per_second:.1f} images/s) → {out}")
+                              remove=remove, generator=generator, cache_gb=cache_gb, threads=threads)
+    print_log(result)
+    say(f"fitted {len(head.blocks)} block(s) on {result.n_real} real + {result.n_synthetic} synthetic "
+        f"images in {result.seconds['total']:.1f} s ({result.images_per_second:.1f} images/s) → {out}")
     print_findings(head)
 
 
 def print_findings(head) -> None:
     """Per block: max SI, how many components are above 0.75, which ones the head removes."""
-    table = Table(title=f"semantic invariance — {head.metadata.get('backbone', '')}")
+    table = Table(title=escape(f"semantic invariance — {head.metadata.get('backbone', '')}"))
     for col in ("block", "max SI", "at PC", "its variance from position", "# SI > 0.75", "removed (weight > 0.5)"):
         table.add_column(col, justify="right")
     for b, d in sorted(head.blocks.items()):
         top = int(d.si.argmax())
         removed = [f"PC{c + 1}:{d.weights[c]:.2f}" for c in (d.weights > 0.5).nonzero().flatten().tolist()]
-        marker = " ←" if b == head.apply_layer else ""
+        marker = " ←" if b == head.apply_block else ""
         table.add_row(f"{b}{marker}", f"{d.si.max():.3f}", f"PC{top + 1}", f"{d.position_share[top]:.0%}",
                       str(int((d.si > 0.75).sum())), " ".join(removed) or "-")
     report.print(table)
@@ -141,14 +125,16 @@ def inspect_command(
         typer.echo(json.dumps(head.summary()))
         return
     meta = head.metadata
-    report.print(f"backbone {meta.get('backbone')} · variant {meta.get('variant')} · weighting "
+    report.print(escape(f"backbone {meta.get('backbone')} · variant {meta.get('variant')} · weighting "
                   f"{meta.get('weighting')} · μ {meta.get('mu')} · τ {meta.get('tau')} · {meta.get('n_real')} real / "
                   f"{meta.get('n_synthetic')} synthetic images at {meta.get('image_size')} px · applies to block "
-                  f"{head.apply_layer}")
+                  f"{head.apply_block}"), highlight=False)
     print_findings(head)
     for b, d in sorted(head.blocks.items()):
-        cells = " ".join(f"{s:.2f}" + ("*" if w > 0.5 else "") for s, w in zip(d.si.tolist(), d.weights.tolist()))
-        report.print(f"[bold]block {b}[/] SI by PC1..PC{len(d.si)} (* removed): {cells}", highlight=False)
+        cells = " ".join(f"PC{c + 1} {s:.2f}" + (f" (w {w:.2f})" if w > 0.005 else "")
+                         for c, (s, w) in enumerate(zip(d.si.tolist(), d.weights.tolist())))
+        report.print(f"[bold]block {b}[/] SI and weight w (shown when > 0.005) by component: {escape(cells)}",
+                     highlight=False)
 
 
 @app.command("plot")
@@ -158,12 +144,10 @@ def plot_command(
     images: Annotated[Path | None, typer.Option(help="Images for PCA and component maps (first head).")] = None,
     count: Annotated[int, typer.Option(help="Images to show.")] = 4,
     dashed: Annotated[str, typer.Option(help="Comma list of backbone ids drawn dashed (non-MIM).")] = "",
-    device: Annotated[str | None, typer.Option(help="Device for the token maps.")] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """SI curves, max SI per block, response maps, and PCA/component maps before and after."""
-    from ..backbones import load
     from ..data.images import list_images
-    from ..features import resolve_device
     from ..plots import plot_max_si_per_block, plot_si_curves, render_head_figures
     from ..soap import SoapHead
 
@@ -173,7 +157,7 @@ def plot_command(
     backbone = files = None
     if images is not None:
         files = list_images(images, count)
-        backbone = load(loaded[0].metadata["backbone"], device=str(resolve_device(device)))
+        backbone = load_backbone(loaded[0].metadata["backbone"], device)
     paths = render_head_figures(loaded[0], out, backbone, files or (), label=labels[0])
     if len(loaded) > 1:
         by_label = dict(zip(labels, loaded))
@@ -182,7 +166,7 @@ def plot_command(
         paths += [plot_si_curves(by_label, out / "si_sorted_compare.png", dashed_labels),
                   plot_max_si_per_block(by_label, out / "max_si_per_block_compare.png", dashed_labels)]
     for p in paths:
-        console.print(f"wrote {p}")
+        say(f"wrote {p}")
 
 
 def sample_images_folder() -> Path:
@@ -194,32 +178,30 @@ def sample_images_folder() -> Path:
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the head and figures.")] = Path("soapvit-demo"),
     model: Annotated[str, typer.Option(help="Backbone id.")] = DEMO_MODEL,
-    device: Annotated[str | None, typer.Option(help="Device (default: auto).")] = None,
+    device: DeviceOpt = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    threads: ThreadsOpt = 1,
 ) -> None:
     """Offline demo: fit SOAP on the bundled sample for every block, explain, plot, and write the
     HTML report."""
-    images = sample_images_folder()
-    head_path = out / "head.safetensors"
-    console.print(f"[bold]soapvit demo[/]: {model} on {len(list(images.glob('*.jpg')))} bundled ImageNet images "
-                  "and as many synthetic non-semantic images")
-    backbone, head, report = run_fit(model, images, head_path, batch_size=batch_size, device=device)
-    console.print(f"fitted {len(head.blocks)} blocks in {report.seconds:.0f} s → {head_path}")
-    print_findings(head)
-    d = head.blocks[head.apply_layer]
-    high = (d.si > 0.75).nonzero().flatten().tolist()
-    console.print(
-        f"Last block: {len(high)} component(s) with SI > 0.75 "
-        f"({', '.join(f'PC{c + 1} SI {d.si[c]:.3f}, {d.position_share[c]:.0%} of its variance from position' for c in high) or 'none'}). "
-        "They respond alike on real and on synthetic images, i.e. they carry no semantics; "
-        f"the head removes {', '.join(f'PC{c + 1}' for c in (d.weights > 0.5).nonzero().flatten().tolist()) or 'nothing'}.",
-        highlight=False,
-    )
     from ..plots import render_head_figures
     from ..report import write_report
 
+    images = sample_images_folder()
+    head_path = out / "head.safetensors"
+    say(f"soapvit demo: {model} on {len(list(images.glob('*.jpg')))} bundled ImageNet images and as many synthetic "
+        "non-semantic images")
+    backbone, head, result = run_fit(model, images, head_path, batch_size=batch_size, device=device, threads=threads)
+    say(f"fitted {len(head.blocks)} blocks in {result.seconds['total']:.0f} s → {head_path}")
+    print_findings(head)
+    d = head.blocks[head.apply_block]
+    high = (d.si > 0.75).nonzero().flatten().tolist()
+    say(f"Last block: {len(high)} component(s) with SI > 0.75 "
+        f"({', '.join(f'PC{c + 1} SI {d.si[c]:.3f}, {d.position_share[c]:.0%} of its variance from position' for c in high) or 'none'}). "
+        "They respond alike on real and on synthetic images, i.e. they carry no semantics; "
+        f"the head removes {', '.join(f'PC{c + 1}' for c in (d.weights > 0.5).nonzero().flatten().tolist()) or 'nothing'}.")
     for p in render_head_figures(head, out, backbone, sorted(images.glob("*.jpg"))[:4]):
-        console.print(f"wrote {p}")
+        say(f"wrote {p}")
     page = write_report({model: head}, out / "report.html", images=sorted(images.glob("*.jpg"))[:3],
                         backbones={model: backbone})
-    console.print(f"wrote {page}: open it in a browser")
+    say(f"wrote {page}: open it in a browser")

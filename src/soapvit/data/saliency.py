@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from .images import DataFolderError, list_images, read_annotation
+from .images import DataFolderError, list_images, load_image, read_annotation
+from .sources import header_size
 
 MASK_FOLDER_NAMES = ("masks", "gt", "GT", "ground_truth", "DUTS-TE-Mask", "pixelwiseGT-new-PNG", "mask")
 
@@ -63,6 +65,19 @@ class SaliencyDataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    # -- the image-source protocol (soapvit.data.sources) --
+    def name(self, index: int) -> str:
+        return str(self.samples[index].image)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return header_size(self.samples[index].image)
+
+    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        """The image and its bool mask at the image's size."""
+        sample = self.samples[index]
+        image = load_image(sample.image)
+        return image, load_mask(sample.mask, size=image.size)
 
 
 def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:

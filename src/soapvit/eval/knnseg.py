@@ -15,9 +15,7 @@ uniformly at random (seeded) before they are encoded.
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,18 +24,25 @@ from PIL import Image
 from torch import Tensor
 
 from ..backbones.base import Backbone
-from ..data.images import ImageReadError, ImageTransform, load_image
-from ..data.segmentation import SegmentationSample, SegmentationSplit
+from ..data.segmentation import SegmentationSplit
+from ..data.transforms import RESAMPLING, ImageTransform
 from ..errors import SoapvitError
-from ..features import encode
+from ..features import TokenBatch, iter_tokens
+from ..runlog import Progress, RunLog, RunReport
+from ..soap import SoapHead
+from ..validation import COUNT, OPTIONAL_COUNT, POSITIVE, Interval, Options, validate
 from .metrics import SegmentationMetrics
 
 UPSAMPLING = ("nearest", "bilinear")
-Progress = Callable[[str, int, int], None]
+CONSTRAINTS = {
+    "k": COUNT, "temperature": POSITIVE, "upsample": Options(UPSAMPLING), "image_size": OPTIONAL_COUNT,
+    "resample": Options(tuple(RESAMPLING)), "max_bank": OPTIONAL_COUNT, "memory_mb": POSITIVE, "batch_size": COUNT,
+    "seed": Interval(int),
+}
 
 
 @dataclass
-class KnnSettings:
+class KnnConfig:
     k: int = 30
     temperature: float = 0.02
     upsample: str = "nearest"
@@ -49,16 +54,11 @@ class KnnSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise SoapvitError(f"--k must be at least 1, not {self.k}")
-        if self.temperature <= 0:
-            raise SoapvitError(f"--temperature must be positive, not {self.temperature}")
-        if self.upsample not in UPSAMPLING:
-            raise SoapvitError(f"--upsample must be one of {', '.join(UPSAMPLING)}, not {self.upsample!r}")
+        validate(self.__dict__, CONSTRAINTS)
         if self.max_bank is not None and self.max_bank < self.k:
             raise SoapvitError(f"--max-bank ({self.max_bank}) must be at least --k ({self.k})")
 
-    def transform(self, backbone: Backbone) -> ImageTransform:
+    def image_transform(self, backbone: Backbone) -> ImageTransform:
         size = self.image_size or backbone.image_size
         return ImageTransform.for_backbone(backbone, size=size, mode="aspect", resample=self.resample)
 
@@ -121,14 +121,11 @@ class MemoryBank:
 
 
 @dataclass
-class KnnReport:
-    results: dict[str, dict]
-    settings: dict
-    bank_size: int
-    n_queries: int
-    skipped: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
+class KnnReport(RunReport):
+    bank_size: int = 0
+    n_queries: int = 0
+
+    kind = "knnseg"
 
     @property
     def patches_per_second(self) -> float:
@@ -136,130 +133,96 @@ class KnnReport:
         return self.n_queries / max(self.seconds.get("search", 0.0), 1e-9)
 
 
-def _input_sizes(split: SegmentationSplit, transform: ImageTransform, skipped: list[str]):
-    sizes = {}
-    for s in split.samples:
-        try:
-            with Image.open(s.image) as img:
-                sizes[s] = transform.output_size(*img.size)
-        except (OSError, ValueError, SyntaxError) as err:
-            skipped.append(f"{s.image}: cannot read image ({err})")
-    return sizes
+def _normalised_variants(batch: TokenBatch, block: int) -> dict[str, Tensor]:
+    return {v: F.normalize(f.tokens[block].reshape(-1, f.tokens[block].shape[-1]), dim=-1)
+            for v, f in batch.variants().items()}
 
 
-def _batches(split: SegmentationSplit, sizes: dict, transform: ImageTransform, batch_size: int, skipped: list[str],
-             notes: list[str]):
-    """Batches of equal input size: ``(samples, pixels, labels at original size)``."""
-    groups: dict[tuple[int, int], list[SegmentationSample]] = {}
-    for s, size in sizes.items():
-        groups.setdefault(size, []).append(s)
-    for group in groups.values():
-        for first in range(0, len(group), batch_size):
-            samples, pixels, labels = [], [], []
-            for s in group[first : first + batch_size]:
-                try:
-                    image = load_image(s.image)
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always")
-                        lab = split.load_labels(s, size=image.size)
-                    notes.extend(str(w.message) for w in caught)
-                except ImageReadError as err:
-                    skipped.append(str(err))
-                    continue
-                samples.append(s)
-                pixels.append(transform(image))
-                labels.append(lab)
-            if samples:
-                yield samples, torch.stack(pixels), labels
+def _labels_at_input(labels: np.ndarray, pixels: Tensor) -> np.ndarray:
+    """A label map resized (nearest) to the model input's size."""
+    return np.asarray(Image.fromarray(labels.astype(np.int32)).resize((pixels.shape[-1], pixels.shape[-2]),
+                                                                      Image.Resampling.NEAREST))
 
 
-def _variants(tokens: Tensor, head) -> dict[str, Tensor]:
-    out = {"original": tokens}
-    if head is not None:
-        out["soap"] = head.transform(tokens)
-    return {v: F.normalize(t.reshape(-1, t.shape[-1]), dim=-1) for v, t in out.items()}
-
-
-def build_memory_bank(backbone: Backbone, split: SegmentationSplit, settings: KnnSettings, *, head=None,
-                      skipped: list[str], notes: list[str], progress: Progress | None = None) -> MemoryBank:
+def build_memory_bank(backbone: Backbone, split: SegmentationSplit, config: KnnConfig, *, head: SoapHead | None = None,
+                      log: RunLog, num_workers: int | None = None, progress: Progress | None = None) -> MemoryBank:
     """Encode the training split once and keep (a sample of) its labelled patches."""
-    transform = settings.transform(backbone)
+    transform = config.image_transform(backbone)
     p = backbone.patch_size
-    sizes = _input_sizes(split, transform, skipped)
-    total = sum((w // p) * (h // p) for w, h in sizes.values())
-    keep_global = None
-    if settings.max_bank is not None and total > settings.max_bank:
-        gen = torch.Generator().manual_seed(settings.seed)
-        keep_global = torch.zeros(total, dtype=torch.bool)
-        keep_global[torch.randperm(total, generator=gen)[: settings.max_bank]] = True
-    offsets, start = {}, 0
-    for s, (w, h) in sizes.items():
-        offsets[s] = start
-        start += (w // p) * (h // p)
+    keep_global, offsets = None, {}
+    if config.max_bank is not None:
+        sizes = {}
+        for i in range(len(split)):
+            try:
+                sizes[i] = transform.output_size(*split.image_size(i))
+            except SoapvitError:
+                continue  # logged by the pipeline
+        start = 0
+        for i, (w, h) in sizes.items():
+            offsets[i] = start
+            start += (w // p) * (h // p)
+        if start > config.max_bank:
+            gen = torch.Generator().manual_seed(config.seed)
+            keep_global = torch.zeros(start, dtype=torch.bool)
+            keep_global[torch.randperm(start, generator=gen)[: config.max_bank]] = True
     feats: dict[str, list[Tensor]] = {}
     labels: list[Tensor] = []
-    done = 0
     block = backbone.num_blocks - 1
-    for samples, pixels, label_maps in _batches(split, sizes, transform, settings.batch_size, skipped, notes):
-        tokens = encode(backbone, pixels.to(backbone.device), block).tokens[block]
-        n_patch = tokens.shape[1] * tokens.shape[2]
-        per_variant = _variants(tokens, head)
-        for i, (s, lab) in enumerate(zip(samples, label_maps)):
-            resized = np.asarray(Image.fromarray(lab.astype(np.int32)).resize(
-                (pixels.shape[-1], pixels.shape[-2]), Image.Resampling.NEAREST))
-            hist, labelled = patch_soft_labels(resized, p, split.num_classes, split.ignore_index)
+    for batch in iter_tokens(backbone, split, transform, blocks=block, head=head, batch_size=config.batch_size,
+                             num_workers=num_workers, log=log, progress=progress, stage="memory bank"):
+        per_variant = _normalised_variants(batch, block)
+        n_patch = batch.original.tokens[block].shape[1] * batch.original.tokens[block].shape[2]
+        for i, (index, lab) in enumerate(zip(batch.indices, batch.targets)):
+            hist, labelled = patch_soft_labels(_labels_at_input(lab, batch.pixels), p, split.num_classes,
+                                               split.ignore_index)
             if keep_global is not None:
-                labelled &= keep_global[offsets[s] : offsets[s] + n_patch]
+                labelled &= keep_global[offsets[index] : offsets[index] + n_patch]
             labels.append(hist[labelled])
             for v, f in per_variant.items():
                 feats.setdefault(v, []).append(f[i * n_patch : (i + 1) * n_patch][labelled.to(f.device)])
-        done += len(samples)
-        if progress:
-            progress("memory bank", done, len(split))
     if not labels:
-        raise SoapvitError(f"--train: no training image could be read; first problems: {'; '.join(skipped[:3])}")
-    device = backbone.device
-    return MemoryBank({v: torch.cat(f) for v, f in feats.items()}, torch.cat(labels).to(device))
+        raise SoapvitError(f"--train: no training image could be read; first problems: {'; '.join(log.lines()[:3])}")
+    return MemoryBank({v: torch.cat(f) for v, f in feats.items()}, torch.cat(labels).to(backbone.device))
 
 
-def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: SegmentationSplit, *, head=None,
-                    settings: KnnSettings | None = None, progress: Progress | None = None) -> KnnReport:
-    """kNN segmentation of ``val`` with a bank from ``train``; with a head, also SOAP tokens."""
-    settings = settings or KnnSettings()
+def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: SegmentationSplit, *,
+                    head: SoapHead | None = None, config: KnnConfig | None = None, num_workers: int | None = None,
+                    progress: Progress | None = None) -> KnnReport:
+    """kNN segmentation of ``val`` with a bank from ``train``; with a head, also SOAP tokens (a head
+    at an earlier block is propagated through the later blocks)."""
+    config = config or KnnConfig()
     if train.num_classes != val.num_classes:
         raise SoapvitError(f"--train has {train.num_classes} classes but --val has {val.num_classes}")
-    if head is not None and head.apply_layer != backbone.num_blocks - 1:
-        raise SoapvitError(f"--head applies to block {head.apply_layer}, but kNN segmentation uses the last block")
-    skipped = [f"{p}: no label map with this stem" for p in train.missing + val.missing]
-    notes: list[str] = []
+    log = RunLog()
+    for path in train.missing + val.missing:
+        log.skip(str(path), "no label map with this stem")
     start = time.perf_counter()
-    bank = build_memory_bank(backbone, train, settings, head=head, skipped=skipped, notes=notes, progress=progress)
+    bank = build_memory_bank(backbone, train, config, head=head, log=log, num_workers=num_workers, progress=progress)
     seconds = {"bank": time.perf_counter() - start, "search": 0.0}
-    transform = settings.transform(backbone)
-    sizes = _input_sizes(val, transform, skipped)
     metrics = {v: SegmentationMetrics(val.num_classes, val.ignore_index) for v in bank.features}
     block, done, n_queries = backbone.num_blocks - 1, 0, 0
-    for samples, pixels, label_maps in _batches(val, sizes, transform, settings.batch_size, skipped, notes):
-        tokens = encode(backbone, pixels.to(backbone.device), block).tokens[block]
-        b, h, w, _ = tokens.shape
-        for v, queries in _variants(tokens, head).items():
+    for batch in iter_tokens(backbone, val, config.image_transform(backbone), blocks=block, head=head,
+                             batch_size=config.batch_size, num_workers=num_workers, log=log, progress=progress,
+                             stage="kNN segmentation"):
+        b, h, w, _ = batch.original.tokens[block].shape
+        for v, queries in _normalised_variants(batch, block).items():
             t0 = time.perf_counter()
-            scores = knn_vote(queries, bank.features[v], bank.labels, settings.k, settings.temperature,
-                              settings.memory_mb).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+            scores = knn_vote(queries, bank.features[v], bank.labels, config.k, config.temperature,
+                              config.memory_mb).reshape(b, h, w, -1).permute(0, 3, 1, 2)
             seconds["search"] += time.perf_counter() - t0
             n_queries += queries.shape[0]
-            for i, lab in enumerate(label_maps):
-                pred = upsample_scores(scores[i], lab.shape, settings.upsample).argmax(0).cpu().numpy()
+            for i, lab in enumerate(batch.targets):
+                pred = upsample_scores(scores[i], lab.shape, config.upsample).argmax(0).cpu().numpy()
                 metrics[v].add(pred, lab)
-        done += len(samples)
-        if progress:
-            progress("kNN segmentation", done, len(val))
+        done += len(batch.indices)
     seconds["total"] = time.perf_counter() - start
     if done == 0:
-        raise SoapvitError(f"--val: no validation image could be read; first problems: {'; '.join(skipped[:3])}")
+        raise SoapvitError(f"--val: no validation image could be read; first problems: {'; '.join(log.lines()[:3])}")
     return KnnReport(
         results={v: m.result(val.class_names) for v, m in metrics.items()},
-        settings={**settings.__dict__, "model": backbone.model_id, "device": str(backbone.device),
-                  "layout": val.layout, "ignore_index": val.ignore_index, "n_train": len(train), "n_val": done},
-        bank_size=bank.size, n_queries=n_queries, skipped=skipped, warnings=notes, seconds=seconds,
+        settings={**config.__dict__, "model": backbone.model_id, "device": str(backbone.device),
+                  "layout": val.layout, "ignore_index": val.ignore_index, "n_train": len(train), "n_val": done,
+                  "head": None if head is None else {"backbone": head.metadata.get("backbone"),
+                                                     "apply_block": head.apply_block}},
+        log=log, seconds=seconds, bank_size=bank.size, n_queries=n_queries,
     )

@@ -9,33 +9,38 @@ the mask. An unreadable image or mask is skipped with its reason; nothing else s
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..backbones.base import Backbone
-from ..data.images import ImageReadError, ImageTransform, load_image
-from ..data.saliency import SaliencyDataset, SalientSample, load_mask
+from ..data.saliency import SaliencyDataset
+from ..data.transforms import MODES, RESAMPLING, ImageTransform
 from ..errors import SoapvitError
-from ..features import encode
+from ..features import iter_tokens
+from ..runlog import Progress, RunLog, RunReport
+from ..soap import SoapHead
+from ..validation import COUNT, OPTIONAL_COUNT, POSITIVE, Interval, Options, validate
 from .bilateral import BilateralParams, bilateral_solve
 from .metrics import SalientMetrics, salient_scores, to_uint8
 from .tokencut import tokencut_masks, upsample_nearest
 
 FEATURES = ("tokens", "keys")
+SOLVERS = ("lanczos", "eigh")
 DEFAULT_TAU = {"tokens": 0.3, "keys": 0.2}  # SOAP's evaluation / TokenCut
-Progress = Callable[[str, int, int], None]
+CONSTRAINTS = {
+    "features": Options(FEATURES), "tau": Interval(float, 0, 1, open_low=True, open_high=True, optional=True),
+    "eps": POSITIVE, "resize": Options(MODES), "image_size": OPTIONAL_COUNT, "resample": Options(tuple(RESAMPLING)),
+    "solver": Options(SOLVERS), "batch_size": COUNT,
+}
 
 
 @dataclass
-class TokenCutSettings:
-    """Defaults reproduce METHODS.md §6: output tokens, τ = 0.3, Lanczos resize of each side to
-    its nearest patch multiple, no solver."""
+class TokenCutConfig:
+    """Defaults reproduce the reference figures of the SOAP evaluation: output tokens, τ = 0.3,
+    Lanczos resize of each side to its nearest patch multiple, no solver."""
 
     features: str = "tokens"
     tau: float | None = None  # None → DEFAULT_TAU[features]
@@ -48,14 +53,13 @@ class TokenCutSettings:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.features not in FEATURES:
-            raise SoapvitError(f"--features must be one of {', '.join(FEATURES)}, not {self.features!r}")
+        validate(self.__dict__, CONSTRAINTS)
         if self.tau is None:
             self.tau = DEFAULT_TAU[self.features]
         if self.resize == "square" and not self.image_size:
             raise SoapvitError("--resize square needs --image-size")
 
-    def transform(self, backbone: Backbone) -> ImageTransform:
+    def image_transform(self, backbone: Backbone) -> ImageTransform:
         return ImageTransform.for_backbone(backbone, size=self.image_size, mode=self.resize, resample=self.resample)
 
 
@@ -70,43 +74,18 @@ class Example:
 
 
 @dataclass
-class TokenCutReport:
+class TokenCutReport(RunReport):
     """Metrics per variant (``original``, ``soap``; ``…/raw`` = before the solver when it is on)."""
 
-    results: dict[str, dict]
-    settings: dict
-    skipped: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
+
+    kind = "tokencut"
+    private_fields = ("examples",)
 
     @property
     def images_per_second(self) -> float:
         n = max((r["n_images"] for r in self.results.values()), default=0)
         return n / max(self.seconds.get("total", 0.0), 1e-9)
-
-
-def _group_by_input_size(samples: list[SalientSample], transform: ImageTransform, skipped: list[str]):
-    """Samples grouped by the model-input size of their image (read from the file header)."""
-    groups: dict[tuple[int, int], list[SalientSample]] = {}
-    for sample in samples:
-        try:
-            with Image.open(sample.image) as img:
-                size = img.size
-        except (OSError, ValueError, SyntaxError) as err:
-            skipped.append(f"{sample.image}: cannot read image ({err})")
-            continue
-        groups.setdefault(transform.output_size(*size), []).append(sample)
-    return groups
-
-
-def _variant_features(feats, settings: TokenCutSettings, head, block: int) -> dict[str, torch.Tensor]:
-    if settings.features == "keys":
-        return {"original": feats.keys}
-    out = {"original": feats.tokens[block]}
-    if head is not None:
-        out["soap"] = head.transform(feats.tokens[block])
-    return out
 
 
 class _ExampleKeeper:
@@ -131,99 +110,80 @@ def evaluate_tokencut(
     backbone: Backbone,
     dataset: SaliencyDataset,
     *,
-    head=None,
-    settings: TokenCutSettings | None = None,
+    head: SoapHead | None = None,
+    config: TokenCutConfig | None = None,
     save_masks: str | Path | None = None,
     n_examples: int = 4,
+    num_workers: int | None = None,
     progress: Progress | None = None,
 ) -> TokenCutReport:
-    """Run TokenCut on every sample; with a head, also on SOAP-corrected tokens of the same pass.
+    """Run TokenCut on every sample; with a head, also on SOAP-corrected features of the same pass
+    (a head at an earlier block is propagated through the later blocks, keys included).
 
     ``save_masks``: write each scored prediction as an 8-bit PNG named by image stem (original
     in the folder itself, SOAP in its ``soap/`` subfolder).
     """
-    settings = settings or TokenCutSettings()
+    config = config or TokenCutConfig()
     block = backbone.num_blocks - 1
-    notes: list[str] = []
-    if head is not None and head.apply_layer != block:
-        raise SoapvitError(f"--head applies to block {head.apply_layer}, but TokenCut uses the last block ({block})")
-    if head is not None and settings.features == "keys":
-        notes.append("SOAP is defined on output tokens, not on attention keys: keys are evaluated original only")
+    log = RunLog()
+    for path in dataset.missing:
+        log.skip(str(path), "no mask with this stem")
+    if head is not None and config.features == "keys" and head.apply_block == block:
+        log.warn("a SOAP head at the last block changes output tokens, not attention keys: "
+                 "keys are evaluated original only")
         head = None
-    device = backbone.device
-    transform = settings.transform(backbone)
     variants = ["original"] + (["soap"] if head is not None else [])
-    scored = [f"{v}/raw" for v in variants] + variants if settings.bilateral else variants
+    scored = [f"{v}/raw" for v in variants] + variants if config.bilateral else variants
     metrics = {name: SalientMetrics() for name in scored}
     out_dirs = {}
     if save_masks is not None:
         out_dirs = {"original": Path(save_masks), "soap": Path(save_masks) / "soap"}
         for v in variants:
             out_dirs[v].mkdir(parents=True, exist_ok=True)
-    skipped = [f"{p}: no mask with this stem" for p in dataset.missing]
-    groups = _group_by_input_size(dataset.samples, transform, skipped)
     keeper = _ExampleKeeper(n_examples)
     params = BilateralParams()
-    seconds = {"forward": 0.0, "tokencut": 0.0, "bilateral": 0.0}
+    seconds = {"read_and_encode": 0.0, "tokencut": 0.0, "bilateral": 0.0}
     start = time.perf_counter()
-    total, done, order = len(dataset.samples), len(dataset.samples) - sum(map(len, groups.values())), 0
-    for samples in groups.values():
-        for first in range(0, len(samples), settings.batch_size):
-            batch, images, masks, pixels = [], [], [], []
-            for sample in samples[first : first + settings.batch_size]:
-                try:
-                    image = load_image(sample.image)
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always")
-                        mask = load_mask(sample.mask, size=image.size)
-                    notes.extend(str(w.message) for w in caught)
-                except ImageReadError as err:
-                    skipped.append(str(err))
-                    continue
-                batch.append(sample)
-                images.append(image)
-                masks.append(mask)
-                pixels.append(transform(image))
-            done += len(samples[first : first + settings.batch_size]) - len(batch)
-            if not batch:
-                continue
-            t0 = time.perf_counter()
-            feats = encode(backbone, torch.stack(pixels).to(device), block, keys=settings.features == "keys")
-            t1 = time.perf_counter()
-            patch_masks = {v: tokencut_masks(f, settings.tau, settings.eps, method=settings.solver).masks.cpu()
-                           for v, f in _variant_features(feats, settings, head, block).items()}
-            seconds["forward"] += t1 - t0
-            seconds["tokencut"] += time.perf_counter() - t1
-            for i, (sample, image, mask) in enumerate(zip(batch, images, masks)):
-                preds = {}
-                for v in variants:
-                    full = upsample_nearest(patch_masks[v][i : i + 1], mask.shape)[0].numpy()
-                    if settings.bilateral:
-                        metrics[f"{v}/raw"].add(full, mask)
-                        t2 = time.perf_counter()
-                        preds[v] = to_uint8(bilateral_solve(np.asarray(image), full.astype(np.float64), params))
-                        seconds["bilateral"] += time.perf_counter() - t2
-                    else:
-                        preds[v] = to_uint8(full)
-                    metrics[v].add(preds[v], mask)
-                    if v in out_dirs:
-                        Image.fromarray(preds[v]).save(out_dirs[v] / f"{sample.stem}.png")
-                if "soap" in preds:
-                    diff = abs(salient_scores(preds["soap"], mask).iou - salient_scores(preds["original"], mask).iou)
+    order = 0
+    batches = iter_tokens(backbone, dataset, config.image_transform(backbone), blocks=block, head=head,
+                          keys=config.features == "keys", batch_size=config.batch_size, num_workers=num_workers,
+                          keep_images=True, log=log, progress=progress, stage="tokencut")
+    t0 = time.perf_counter()
+    for batch in batches:
+        t1 = time.perf_counter()
+        seconds["read_and_encode"] += t1 - t0
+        patch_masks = {}
+        for v, feats in batch.variants().items():
+            grid = feats.keys if config.features == "keys" else feats.tokens[block]
+            patch_masks[v] = tokencut_masks(grid, config.tau, config.eps, method=config.solver).masks.cpu()
+        seconds["tokencut"] += time.perf_counter() - t1
+        for i, (index, image, mask) in enumerate(zip(batch.indices, batch.images, batch.targets)):
+            stem = dataset.samples[index].stem
+            preds = {}
+            for v in variants:
+                full = upsample_nearest(patch_masks[v][i : i + 1], mask.shape)[0].numpy()
+                if config.bilateral:
+                    metrics[f"{v}/raw"].add(full, mask)
+                    t2 = time.perf_counter()
+                    preds[v] = to_uint8(bilateral_solve(np.asarray(image), full.astype(np.float64), params))
+                    seconds["bilateral"] += time.perf_counter() - t2
                 else:
-                    diff = -order
-                keeper.offer(diff, order, lambda: Example(sample.stem, np.asarray(image), mask, dict(preds)))
-                order += 1
-            done += len(batch)
-            if progress:
-                progress("tokencut", done, total)
+                    preds[v] = to_uint8(full)
+                metrics[v].add(preds[v], mask)
+                if v in out_dirs:
+                    Image.fromarray(preds[v]).save(out_dirs[v] / f"{stem}.png")
+            if "soap" in preds:
+                diff = abs(salient_scores(preds["soap"], mask).iou - salient_scores(preds["original"], mask).iou)
+            else:
+                diff = -order
+            keeper.offer(diff, order, lambda: Example(stem, np.asarray(image), mask, dict(preds)))
+            order += 1
+        t0 = time.perf_counter()
     seconds["total"] = time.perf_counter() - start
-    n_scored = metrics["original"].n_images
-    if n_scored == 0:
-        raise SoapvitError(f"no image could be evaluated; first problems: {'; '.join(skipped[:3])}")
-    settings_dict = {**settings.__dict__, "model": backbone.model_id, "device": str(device),
-                     "head": None if head is None else head.metadata.get("path", "given")}
-    return TokenCutReport(
-        results={name: m.result() for name, m in metrics.items()}, settings=settings_dict, skipped=skipped,
-        warnings=notes, examples=keeper.examples(), seconds=seconds,
-    )
+    if metrics["original"].n_images == 0:
+        raise SoapvitError(f"no image could be evaluated; first problems: {'; '.join(log.lines()[:3])}")
+    settings = {**config.__dict__, "model": backbone.model_id, "device": str(backbone.device),
+                "head": None if head is None else {"backbone": head.metadata.get("backbone"),
+                                                    "apply_block": head.apply_block}}
+    return TokenCutReport(results={name: m.result() for name, m in metrics.items()}, settings=settings, log=log,
+                          seconds=seconds, examples=keeper.examples())
