@@ -101,7 +101,7 @@ def test_shipped_native_checkpoints_are_zoo_models(tmp_path, monkeypatch):
     VisionTransformerBackbone(ViTConfig(image_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2)).save(
         tmp_path / "tiny-mim.safetensors")
     monkeypatch.setattr(zoo, "ZOO_ASSETS", tmp_path)
-    assert zoo.available() == ["dinov2-s14-imgfocus", "tiny-mim"]
+    assert zoo.available() == ["clip-b16", "dinov2-s14-imgfocus", "tiny-mim"]
     backbone = load("zoo:tiny-mim")
     direct = VisionTransformerBackbone.from_checkpoint(tmp_path / "tiny-mim.safetensors")
     pixels = torch.randn(1, 3, 32, 32)

