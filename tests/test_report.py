@@ -197,14 +197,16 @@ def test_report_refuses_a_json_without_results_before_drawing(toy, tmp_path):
 
 def test_cli_report_labels_heads_and_notes_a_backbone_it_cannot_load(toy, tmp_path, run_cli):
     heads, images, _ = toy
-    files = [heads[label].save(tmp_path / f"head{i}.safetensors") for i, label in enumerate(LABELS)]
+    # an id no source loads (other tests register a "toy" source for the whole session)
+    files = [SoapHead(h.blocks, h.apply_block, {**h.metadata, "backbone": "nowhere:toy"})
+             .save(tmp_path / f"head{i}.safetensors") for i, h in enumerate(heads.values())]
     code, _, err = run_cli(["report", *map(str, files), "--images", str(images[0].parent), "--count", "1",
                             "--out", str(tmp_path / "r.html")])
     assert code == 0, err
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     models = [t for tag, t in parse(page).headings if tag == "h2"][1:3]
-    assert models == ["Model: toy:test (head0)", "Model: toy:test (head1)"]
-    assert page.count("Backbone not available, token maps not drawn") == 2
+    assert models == ["Model: nowhere:toy (head0)", "Model: nowhere:toy (head1)"]
+    assert page.count("Backbone not available, token maps not drawn: unknown model source") == 2
 
 
 class DevTools:
