@@ -126,3 +126,47 @@ def test_pixels_from_pil_and_uint8_tensors_agree():
     expected = (array / 255.0 - np.array([0.5, 0.4, 0.3])) / np.array([0.2, 0.25, 0.3])
     np.testing.assert_allclose(from_pil.permute(1, 2, 0).numpy(), expected, atol=1e-6)
     torch.testing.assert_close(from_tensor, from_pil)
+
+
+def test_branch_features_are_the_mlp_branch_of_each_block():
+    from soapvit.backbones.vit import ViTConfig, VisionTransformerBackbone
+
+    torch.manual_seed(0)
+    backbone = VisionTransformerBackbone(ViTConfig(image_size=16, patch_size=4, embed_dim=16, depth=3, num_heads=2))
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        branch = backbone.forward_features(pixels, "all", block_features="branch")
+        vit = backbone.vit
+        x = torch.cat([vit.prefix(2), vit.embed_patches(pixels)], 1)
+        for b, block in enumerate(vit.blocks):
+            mid = x + block.attn(block.norm1(x))[0]
+            expected = block.mlp(block.norm2(mid))
+            torch.testing.assert_close(branch.tokens[b], expected[:, 1:].reshape(2, 4, 4, 16))
+            torch.testing.assert_close(branch.prefix[b], expected[:, :1])
+            x = mid + expected
+    with pytest.raises(Exception, match="block-features"):
+        backbone.forward_features(pixels, block_features="mlp")
+
+
+def test_positional_baseline_subtracts_the_measured_offset_and_is_scored(tmp_path):
+    from soapvit.features import subtract_position
+    from soapvit.fitting import fit
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(6):
+        Image.effect_noise((20, 16), 30 + 10 * i).convert("RGB").save(images / f"{i}.png")
+    backbone = ThreeBlocks()
+    head, _ = fit(backbone, images, synthetic=6, device="cpu", blocks="all", image_size=16)
+    d = head.blocks[2]
+    batch = next(iter_tokens(backbone, ImageFiles(sorted(images.glob("*.png"))), ImageTransform.for_backbone(
+        backbone, 16), blocks="all", head=head, positional_baseline=True))
+    offset = (d.position_mean - d.mean).float()  # (4, 4, D): the fit's grid
+    torch.testing.assert_close(batch.positional.tokens[2], batch.original.tokens[2] - offset)
+    # on the fit's own images the baseline leaves every position with the same mean token
+    means = batch.positional.tokens[2].double().mean(0)
+    torch.testing.assert_close(means, means.mean((0, 1)).expand_as(means), atol=1e-5, rtol=0)
+    assert subtract_position(make_head(PROJECTOR, 2), batch.original) is None  # no statistics, no baseline
+    dataset = SaliencyDataset.from_folders(saliency_folder(tmp_path / "sal", n=4) / "images")
+    report = evaluate_tokencut(backbone, dataset, head=head, config=TokenCutConfig(tau=0.2))
+    assert list(report.results) == ["original", "soap", "positional"]

@@ -37,7 +37,7 @@ SOAP_CONSTRAINTS = {
     "tau": POSITIVE, "alpha": POSITIVE, "gamma": POSITIVE, "threshold": Interval(float, 0, 1),
 }
 HEAD_FORMAT = "soapvit-head/1"
-COMPACT_FIELDS = ("eigenvectors", "p_real", "q_synthetic")  # stored in float32 to keep files small
+COMPACT_FIELDS = ("eigenvectors", "p_real", "q_synthetic", "position_mean")  # stored in float32 to keep files small
 
 
 def semantic_invariance(p: Tensor, q: Tensor, alpha: float = 2.0, gamma: float = 1.0, eps: float = 1e-6) -> Tensor:
@@ -149,6 +149,7 @@ class BlockDecomposition:
     p_real: Tensor  # (h, w, D) response probabilities
     q_synthetic: Tensor
     position_share: Tensor  # (D,) variance share explained by patch position
+    position_mean: Tensor | None = None  # (h, w, D) mean real token per position (absent in old files)
 
 
 class SoapHead(nn.Module):
@@ -177,6 +178,7 @@ class SoapHead(nn.Module):
                 mean=s.moments.mean, eigenvalues=s.eigenvalues, eigenvectors=s.eigenvectors, si=si,
                 weights=weights, p_real=s.real.probabilities(rule), q_synthetic=s.synthetic.probabilities(rule),
                 position_share=positional_fraction(s.position_mean, s.moments.mean, s.eigenvectors, s.eigenvalues),
+                position_mean=s.position_mean,
             )
         meta = dict(metadata or {})
         meta.update(variant=config.variant, weighting=config.weighting, mu=config.mu, tau=config.tau,
@@ -192,7 +194,7 @@ class SoapHead(nn.Module):
         for b, d in self.blocks.items():
             w = component_weights(d.si, config.weighting, config.mu, config.tau, config.remove, config.threshold)
             blocks[b] = BlockDecomposition(d.mean, d.eigenvalues, d.eigenvectors, d.si, w, d.p_real, d.q_synthetic,
-                                           d.position_share)
+                                           d.position_share, d.position_mean)
         meta = dict(self.metadata)
         meta.update(weighting=config.weighting, mu=config.mu, tau=config.tau, remove=list(config.remove))
         return SoapHead(blocks, self.apply_block if apply_block is None else apply_block, meta)
@@ -221,6 +223,18 @@ class SoapHead(nn.Module):
 
         return tensor_digest({"projector": self.projector, "apply_block": torch.tensor(self.apply_block)})[:16]
 
+    def positional_offset(self, block: int, grid: tuple[int, int]) -> Tensor | None:
+        """The mean token per patch position minus the mean token, ``(h, w, D)``, resampled
+        (bilinear) to ``grid``: the positional signal the fit measured at ``block``; None when the
+        head has no such statistics."""
+        d = self.blocks.get(block)
+        if d is None or d.position_mean is None:
+            return None
+        offset = (d.position_mean - d.mean).float().permute(2, 0, 1)[None]
+        if tuple(offset.shape[-2:]) != tuple(grid):
+            offset = torch.nn.functional.interpolate(offset, size=grid, mode="bilinear", align_corners=False)
+        return offset[0].permute(1, 2, 0)
+
     def check_backbone(self, backbone: Backbone, *, allow_other: bool = False) -> None:
         """Refuse a backbone the head was not fitted for: another width always; another model id
         or weights unless ``allow_other``."""
@@ -247,6 +261,8 @@ class SoapHead(nn.Module):
         tensors = {"projector": self.projector.contiguous()}
         for b, d in self.blocks.items():
             for name in BlockDecomposition.__dataclass_fields__:
+                if getattr(d, name) is None:
+                    continue
                 value = getattr(d, name).detach().cpu()
                 if name in COMPACT_FIELDS:
                     value = value.float()
@@ -268,7 +284,8 @@ class SoapHead(nn.Module):
             raise SoapvitError(f"{path} is not a SOAP head file (format {meta.get('format')!r})")
         try:
             blocks = {
-                b: BlockDecomposition(**{n: tensors[f"block.{b}.{n}"].double() for n in BlockDecomposition.__dataclass_fields__})
+                b: BlockDecomposition(**{n: tensors[f"block.{b}.{n}"].double() for n in BlockDecomposition.__dataclass_fields__
+                                         if f"block.{b}.{n}" in tensors or n != "position_mean"})
                 for b in json.loads(meta["blocks"])
             }
             metadata = json.loads(meta["metadata"])
@@ -303,6 +320,9 @@ class SoapBackbone(Backbone):
         head.check_backbone(backbone)
         self.backbone = backbone
         self.head = head
+
+    def block_modules(self):
+        return self.backbone.block_modules()
 
     def _run(self, pixels, blocks, norm, keys, attentions, edits) -> RawOutput:
         b = self.head.apply_block

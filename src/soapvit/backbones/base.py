@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..errors import SoapvitError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+BLOCK_FEATURES = ("residual", "branch")
+# the norm in front of a pre-norm block's MLP, by family (timm, native and DINOv2 / CLIP / ViT, BEiT)
+MLP_NORM_NAMES = ("norm2", "layer_norm2", "layernorm_after")
 
 Edit = Callable[[Tensor], Tensor]
 """Replaces a block's output sequence ``(B, P + h*w, D)`` (prefix first) inside the forward pass,
@@ -124,6 +129,7 @@ class Backbone(nn.Module):
         keys: bool = False,
         attentions: int | str | Iterable[int] | None = (),
         edits: Mapping[int, Edit] | None = None,
+        block_features: str = "residual",
     ) -> Features:
         """Encode normalised ``pixels`` ``(B, 3, H, W)`` once and return the requested outputs.
 
@@ -131,12 +137,22 @@ class Backbone(nn.Module):
         ``get_intermediate_layers`` does); ``keys`` adds the last block's attention keys;
         ``attentions`` names the blocks whose attention maps to return; ``edits`` maps a block
         to an :data:`Edit` of its output inside the pass.
+
+        ``block_features="residual"`` returns each block's output (the residual stream, final norm
+        applied when ``norm``); ``"branch"`` returns what the SOAP authors hook for their depth
+        sweep, the last child module of a timm block: the MLP branch's output (after layer scale),
+        un-normalised, computed as block output minus the MLP's residual input.
         """
         h, w = self.grid_size(pixels)
         block_ids = self.resolve_blocks(blocks)
         attn_ids = self.resolve_blocks(attentions) if attentions not in ((), [], None) else []
         edits = {self.resolve_blocks(b)[0]: fn for b, fn in (edits or {}).items()}
-        raw = self._run(pixels, block_ids, norm, keys, attn_ids, edits)
+        if block_features not in BLOCK_FEATURES:
+            raise SoapvitError(f"--block-features must be one of {', '.join(BLOCK_FEATURES)}, not {block_features!r}")
+        if block_features == "branch":
+            raw = self._run_branches(pixels, block_ids, keys, attn_ids, edits)
+        else:
+            raw = self._run(pixels, block_ids, norm, keys, attn_ids, edits)
         p = self.num_prefix_tokens
         tokens, prefix = {}, {}
         for b in block_ids:
@@ -149,6 +165,29 @@ class Backbone(nn.Module):
                 raise NotImplementedError(f"{self.model_id} does not expose attention keys")
             key_grid = raw.keys[:, p:].reshape(raw.keys.shape[0], h, w, raw.keys.shape[-1])
         return Features(tokens=tokens, prefix=prefix, keys=key_grid, attentions=raw.attentions)
+
+    def block_modules(self) -> Sequence[nn.Module]:
+        """The transformer blocks, in order (for hooks); sources that can, override this."""
+        raise SoapvitError(f"{self.model_id} does not expose its blocks (needed for --block-features branch)")
+
+    def _run_branches(self, pixels, blocks, keys, attentions, edits) -> RawOutput:
+        """One pass whose ``hidden[b]`` is block ``b``'s MLP-branch output (block output minus the
+        input of the norm in front of its MLP)."""
+        mids: dict[int, Tensor] = {}
+        handles = []
+        for b in blocks:
+            block = self.block_modules()[b]
+            norm = next((m for n, m in block.named_children() if n in MLP_NORM_NAMES), None)
+            if norm is None:
+                raise SoapvitError(f"{self.model_id}: block {b} has no MLP norm ({', '.join(MLP_NORM_NAMES)})")
+            handles.append(norm.register_forward_pre_hook(lambda _m, args, b=b: mids.__setitem__(b, args[0])))
+        try:
+            raw = self._run(pixels, blocks, False, keys, attentions, edits)
+        finally:
+            for handle in handles:
+                handle.remove()
+        raw.hidden = {b: raw.hidden[b] - mids[b] for b in blocks}
+        return raw
 
     def forward(self, pixels: Tensor) -> Tensor:
         """Final-norm patch tokens of the last block, ``(B, h, w, D)``."""

@@ -126,6 +126,9 @@ class HFBackbone(Backbone):
                 self.model.config._attn_implementation = implementation
         return previous
 
+    def block_modules(self):
+        return self.blocks
+
     def _run(self, pixels: Tensor, blocks, norm: bool, keys: bool, attentions, edits) -> RawOutput:
         captured: dict[int, Tensor] = {}
         key_out: list[Tensor] = []

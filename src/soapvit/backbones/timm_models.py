@@ -36,6 +36,9 @@ class TimmBackbone(Backbone):
                          image_std=cfg.get("std", (0.229, 0.224, 0.225)))
         self.model = model
 
+    def block_modules(self):
+        return self.model.blocks
+
     def _run(self, pixels: Tensor, blocks, norm: bool, keys: bool, attentions, edits) -> RawOutput:
         captured: dict[int, Tensor] = {}
         qkv: dict[int, Tensor] = {}

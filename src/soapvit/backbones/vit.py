@@ -194,6 +194,9 @@ class VisionTransformerBackbone(Backbone):
         self.vit = network if network is not None else VisionTransformer(config)
         self.config = config
 
+    def block_modules(self):
+        return self.vit.blocks
+
     def _run(self, pixels, blocks, norm, keys, attentions, edits) -> RawOutput:
         vit = self.vit
         x = vit.embed_patches(pixels)

@@ -169,7 +169,8 @@ def build_memory_bank(backbone: Backbone, split: SegmentationSplit, config: KnnC
     labels: list[Tensor] = []
     block = backbone.num_blocks - 1
     for batch in iter_tokens(backbone, split, transform, blocks=block, head=head, batch_size=config.batch_size,
-                             num_workers=num_workers, log=log, progress=progress, stage="memory bank"):
+                             num_workers=num_workers, positional_baseline=True, log=log, progress=progress,
+                             stage="memory bank"):
         per_variant = _normalised_variants(batch, block)
         n_patch = batch.original.tokens[block].shape[1] * batch.original.tokens[block].shape[2]
         for i, (index, lab) in enumerate(zip(batch.indices, batch.targets)):
@@ -189,7 +190,8 @@ def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: Segmentat
                     head: SoapHead | None = None, config: KnnConfig | None = None, num_workers: int | None = None,
                     progress: Progress | None = None) -> KnnReport:
     """kNN segmentation of ``val`` with a bank from ``train``; with a head, also SOAP tokens (a head
-    at an earlier block is propagated through the later blocks)."""
+    at an earlier block is propagated through the later blocks) and the positional baseline
+    (:func:`~soapvit.features.subtract_position`), each with its own memory bank."""
     config = config or KnnConfig()
     if train.num_classes != val.num_classes:
         raise SoapvitError(f"--train has {train.num_classes} classes but --val has {val.num_classes}")
@@ -202,8 +204,8 @@ def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: Segmentat
     metrics = {v: SegmentationMetrics(val.num_classes, val.ignore_index) for v in bank.features}
     block, done, n_queries = backbone.num_blocks - 1, 0, 0
     for batch in iter_tokens(backbone, val, config.image_transform(backbone), blocks=block, head=head,
-                             batch_size=config.batch_size, num_workers=num_workers, log=log, progress=progress,
-                             stage="kNN segmentation"):
+                             batch_size=config.batch_size, num_workers=num_workers, positional_baseline=True, log=log,
+                             progress=progress, stage="kNN segmentation"):
         b, h, w, _ = batch.original.tokens[block].shape
         for v, queries in _normalised_variants(batch, block).items():
             t0 = time.perf_counter()

@@ -29,6 +29,7 @@ from .tokencut import tokencut_masks, upsample_nearest
 
 FEATURES = ("tokens", "keys")
 SOLVERS = ("lanczos", "eigh")
+VARIANT_ORDER = ("original", "soap", "positional")
 DEFAULT_TAU = {"tokens": 0.3, "keys": 0.2}  # SOAP's evaluation / TokenCut
 CONSTRAINTS = {
     "features": Options(FEATURES), "tau": Interval(float, 0, 1, open_low=True, open_high=True, optional=True),
@@ -120,8 +121,12 @@ def evaluate_tokencut(
     """Run TokenCut on every sample; with a head, also on SOAP-corrected features of the same pass
     (a head at an earlier block is propagated through the later blocks, keys included).
 
+    With a head and output tokens, the positional baseline (tokens minus the per-position offset
+    the fit measured, :func:`~soapvit.features.subtract_position`) is scored too, as
+    ``positional``.
+
     ``save_masks``: write each scored prediction as an 8-bit PNG named by image stem (original
-    in the folder itself, SOAP in its ``soap/`` subfolder).
+    in the folder itself, the other variants in a subfolder named after them).
     """
     config = config or TokenCutConfig()
     block = backbone.num_blocks - 1
@@ -132,14 +137,7 @@ def evaluate_tokencut(
         log.warn("a SOAP head at the last block changes output tokens, not attention keys: "
                  "keys are evaluated original only")
         head = None
-    variants = ["original"] + (["soap"] if head is not None else [])
-    scored = [f"{v}/raw" for v in variants] + variants if config.bilateral else variants
-    metrics = {name: SalientMetrics() for name in scored}
-    out_dirs = {}
-    if save_masks is not None:
-        out_dirs = {"original": Path(save_masks), "soap": Path(save_masks) / "soap"}
-        for v in variants:
-            out_dirs[v].mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, SalientMetrics] = {}
     keeper = _ExampleKeeper(n_examples)
     params = BilateralParams()
     seconds = {"read_and_encode": 0.0, "tokencut": 0.0, "bilateral": 0.0}
@@ -147,7 +145,8 @@ def evaluate_tokencut(
     order = 0
     batches = iter_tokens(backbone, dataset, config.image_transform(backbone), blocks=block, head=head,
                           keys=config.features == "keys", batch_size=config.batch_size, num_workers=num_workers,
-                          keep_images=True, log=log, progress=progress, stage="tokencut")
+                          keep_images=True, positional_baseline=config.features == "tokens", log=log,
+                          progress=progress, stage="tokencut")
     t0 = time.perf_counter()
     for batch in batches:
         t1 = time.perf_counter()
@@ -160,18 +159,20 @@ def evaluate_tokencut(
         for i, (index, image, mask) in enumerate(zip(batch.indices, batch.images, batch.targets)):
             stem = dataset.samples[index].stem
             preds = {}
-            for v in variants:
+            for v in patch_masks:
                 full = upsample_nearest(patch_masks[v][i : i + 1], mask.shape)[0].numpy()
                 if config.bilateral:
-                    metrics[f"{v}/raw"].add(full, mask)
+                    metrics.setdefault(f"{v}/raw", SalientMetrics()).add(full, mask)
                     t2 = time.perf_counter()
                     preds[v] = to_uint8(bilateral_solve(np.asarray(image), full.astype(np.float64), params))
                     seconds["bilateral"] += time.perf_counter() - t2
                 else:
                     preds[v] = to_uint8(full)
-                metrics[v].add(preds[v], mask)
-                if v in out_dirs:
-                    Image.fromarray(preds[v]).save(out_dirs[v] / f"{stem}.png")
+                metrics.setdefault(v, SalientMetrics()).add(preds[v], mask)
+                if save_masks is not None:
+                    folder = Path(save_masks) / ("" if v == "original" else v)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(preds[v]).save(folder / f"{stem}.png")
             if "soap" in preds:
                 diff = abs(salient_scores(preds["soap"], mask).iou - salient_scores(preds["original"], mask).iou)
             else:
@@ -180,10 +181,12 @@ def evaluate_tokencut(
             order += 1
         t0 = time.perf_counter()
     seconds["total"] = time.perf_counter() - start
-    if metrics["original"].n_images == 0:
+    if "original" not in metrics:
         raise SoapvitError(f"no image could be evaluated; first problems: {'; '.join(log.lines()[:3])}")
     settings = {**config.__dict__, "model": backbone.model_id, "device": str(backbone.device),
                 "head": None if head is None else {"backbone": head.metadata.get("backbone"),
                                                     "apply_block": head.apply_block}}
-    return TokenCutReport(results={name: m.result() for name, m in metrics.items()}, settings=settings, log=log,
+    order_key = lambda name: (name.endswith("/raw"), VARIANT_ORDER.index(name.split("/")[0]))  # noqa: E731
+    results = {name: metrics[name].result() for name in sorted(metrics, key=order_key)}
+    return TokenCutReport(results=results, settings=settings, log=log,
                           seconds=seconds, examples=keeper.examples())
