@@ -110,7 +110,7 @@ def test_streams_are_seeded_and_sized(generator):
 
 
 def test_stream_records_the_generator_version():
-    assert SyntheticImages(1, 8).version == GENERATOR_VERSION == 2
+    assert SyntheticImages(1, 8).version == GENERATOR_VERSION == 3
 
 
 def test_renormalisation_to_backbone_statistics():

@@ -12,6 +12,7 @@ reader warnings are recorded once in a :class:`~soapvit.runlog.RunLog`; nothing 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,8 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import distributed
 from .backbones.base import Backbone, Features
-from .data.sources import ImageSource
+from .data.sources import ImageSource, ImageStream, Loader, is_stream
 from .data.transforms import ImageTransform
 from .errors import SoapvitError
 from .runlog import Progress, RunLog
@@ -74,7 +76,9 @@ def encode(backbone: Backbone, pixels: Tensor, blocks=None, **kwargs) -> Feature
 @dataclass
 class TokenBatch:
     """One encoded batch: source indices, targets, optionally the decoded images, the original
-    features and, with a head, the SOAP-corrected ones."""
+    features and, with a head, the SOAP-corrected ones. ``step`` numbers the loader batch it came
+    from in this process's plan; ``ends_step`` is true on the last batch of that step (a step
+    yields one batch per input shape), after which ``start_step=step + 1`` resumes."""
 
     indices: list[int]
     targets: list[Any]
@@ -82,15 +86,35 @@ class TokenBatch:
     pixels: Tensor
     original: Features
     corrected: Features | None
+    positional: Features | None = None
+    step: int = 0
+    ends_step: bool = True
 
     def variants(self) -> dict[str, Features]:
-        """``{"original": …, "soap": …}`` (``soap`` only with a head)."""
-        return {"original": self.original} | ({"soap": self.corrected} if self.corrected is not None else {})
+        """``{"original": …, "soap": …, "positional": …}``: SOAP with a head, the positional
+        baseline when it was asked for."""
+        out = {"original": self.original, "soap": self.corrected, "positional": self.positional}
+        return {name: features for name, features in out.items() if features is not None}
+
+
+def subtract_position(head: SoapHead, features: Features) -> Features | None:
+    """The positional baseline: every block's tokens minus the per-position offset (mean token at
+    the position minus the mean token) that the head's fit measured there; None when the head has
+    no such statistics for any returned block."""
+    tokens = {}
+    for b, t in features.tokens.items():
+        offset = head.positional_offset(b, tuple(t.shape[1:3]))
+        if offset is not None:
+            tokens[b] = t - offset.to(t.device, t.dtype)
+    if not tokens:
+        return None
+    return Features(tokens=tokens, prefix=features.prefix, keys=None, attentions={})
 
 
 @dataclass
 class _Item:
     index: int
+    name: str
     pixels: Tensor | None = None
     target: Any = None
     image: Any = None
@@ -108,15 +132,37 @@ class _Decoded(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> _Item:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                image, target = self.source.load(index)
-                pixels = self.transform(image)
-            except SoapvitError as err:
-                return _Item(index, error=str(err), notes=tuple(str(w.message) for w in caught))
-        return _Item(index, pixels, target, image if self.keep_images else None,
-                     notes=tuple(str(w.message) for w in caught))
+        return _decode(index, self.source.name(index), lambda: self.source.load(index), self.transform,
+                       self.keep_images)
+
+
+class _Streamed(torch.utils.data.IterableDataset):
+    """The items of a stream that this process (``part`` of ``parts``) and, inside a DataLoader,
+    this worker read, decoded and transformed."""
+
+    def __init__(self, source: ImageStream, transform: ImageTransform, keep_images: bool, part: int,
+                 parts: int) -> None:
+        self.source, self.transform, self.keep_images = source, transform, keep_images
+        self.part, self.parts = part, parts
+
+    def __iter__(self) -> Iterator[_Item]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index, name, load in self.source.stream(self.part * workers + worker, self.parts * workers):
+            yield _decode(index, name, load, self.transform, self.keep_images)
+
+
+def _decode(index: int, name: str, load: Loader, transform: ImageTransform, keep_images: bool) -> _Item:
+    """One item decoded and transformed; a failure comes back as ``_Item.error``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            image, target = load()
+            pixels = transform(image)
+        except SoapvitError as err:
+            return _Item(index, name, error=str(err), notes=tuple(str(w.message) for w in caught))
+    return _Item(index, name, pixels, target, image if keep_images else None,
+                 notes=tuple(str(w.message) for w in caught))
 
 
 def plan_batches(source: ImageSource, transform: ImageTransform, indices: Iterable[int], batch_size: int,
@@ -138,25 +184,71 @@ def plan_batches(source: ImageSource, transform: ImageTransform, indices: Iterab
     return [group[s : s + batch_size] for group in groups.values() for s in range(0, len(group), batch_size)]
 
 
+def gather_log(log: RunLog) -> RunLog:
+    """The run logs of every rank of a :mod:`torch.distributed` group, merged in rank order (each
+    entry once); the log itself in a single process."""
+    if not distributed.active():
+        return log
+    merged = RunLog()
+    for part in distributed.all_gather_objects(log):
+        for entry in part.skipped:
+            merged.skip(entry["file"], entry["reason"])
+        for message in part.warnings:
+            merged.warn(message)
+    return merged
+
+
+def _steps(source: ImageSource | ImageStream, transform: ImageTransform, indices: Iterable[int] | None,
+           batch_size: int, workers: int, keep_images: bool, across_ranks: bool, start_step: int,
+           pin_memory: bool, log: RunLog) -> tuple[Iterator[tuple[int, list[_Item]]], int, int]:
+    """``(step, decoded items)`` of this process's loader batches from ``start_step`` on, the
+    number of items it reads (for a stream: its share of the limit, 0 if unknown) and how many of
+    them the skipped steps held. With ``across_ranks`` an indexable source's planned batches are
+    dealt round-robin to the ranks (every rank encodes the same batches as one process would), a
+    stream's items are split between the ranks' and workers' readers."""
+    part, parts = (distributed.rank(), distributed.world_size()) if across_ranks else (0, 1)
+    options = dict(collate_fn=list, num_workers=workers, pin_memory=pin_memory)
+    if is_stream(source):
+        if indices is not None:
+            raise ValueError("indices select items of an indexable source, not of a stream")
+        loader = torch.utils.data.DataLoader(_Streamed(source, transform, keep_images, part, parts),
+                                             batch_size=batch_size, **options)
+        total = (source.limit or 0) // parts
+        return itertools.islice(enumerate(loader), start_step, None), total, min(total, start_step * batch_size)
+    indices = range(len(source)) if indices is None else list(indices)
+    batches = distributed.share(plan_batches(source, transform, indices, batch_size, log), part, parts)
+    loader = torch.utils.data.DataLoader(_Decoded(source, transform, keep_images),
+                                         batch_sampler=batches[start_step:], **options)
+    return enumerate(loader, start_step), sum(map(len, batches)), sum(map(len, batches[:start_step]))
+
+
 def iter_tokens(
     backbone: Backbone,
-    source: ImageSource,
+    source: ImageSource | ImageStream,
     image_transform: ImageTransform,
     *,
     blocks: int | str | Sequence[int] = "last",
     head: SoapHead | None = None,
     norm: bool = True,
+    block_features: str = "residual",
     keys: bool = False,
     attentions: int | str | Sequence[int] = (),
     indices: Iterable[int] | None = None,
     batch_size: int = 32,
     num_workers: int | None = None,
     keep_images: bool = False,
+    positional_baseline: bool = False,
+    across_ranks: bool = False,
+    start_step: int = 0,
     log: RunLog | None = None,
     progress: Progress | None = None,
     stage: str = "encoding",
 ) -> Iterator[TokenBatch]:
-    """Encode ``source`` (or its ``indices``) batch by batch; see the module doc."""
+    """Encode ``source`` (or its ``indices``) batch by batch; see the module doc.
+
+    ``positional_baseline`` (with a head) adds the variant :func:`subtract_position`.
+    ``across_ranks`` shares the work between the processes of a :mod:`torch.distributed` group;
+    ``start_step`` skips this process's first loader batches (a resumed run)."""
     if batch_size < 1:
         raise SoapvitError(f"--batch-size must be at least 1, not {batch_size}")
     device = backbone.device
@@ -166,26 +258,21 @@ def iter_tokens(
         head.check_backbone(backbone, allow_other=True)
         if head.apply_block != backbone.num_blocks - 1:
             corrected_backbone = attach(backbone, head)
-    indices = range(len(source)) if indices is None else list(indices)
-    batches = plan_batches(source, image_transform, indices, batch_size, log)
     workers = default_workers(device) if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(
-        _Decoded(source, image_transform, keep_images), batch_sampler=batches, collate_fn=list,
-        num_workers=workers, pin_memory=device.type == "cuda",
-    )
-    options = dict(norm=norm, keys=keys, attentions=attentions)
-    total = len(indices)
-    done = total - sum(map(len, batches))
-    for items in loader:
+    steps, total, done = _steps(source, image_transform, indices, batch_size, workers, keep_images, across_ranks,
+                                start_step, device.type == "cuda", log)
+    options = dict(norm=norm, block_features=block_features, keys=keys, attentions=attentions)
+    for step, items in steps:
         by_shape: dict[tuple[int, ...], list[_Item]] = {}
         for item in items:
             for note in item.notes:
                 log.warn(note)
             if item.error is not None:
-                log.skip(source.name(item.index), item.error)
+                log.skip(item.name, item.error)
             else:
                 by_shape.setdefault(tuple(item.pixels.shape), []).append(item)
-        for group in by_shape.values():
+        groups = list(by_shape.values())
+        for number, group in enumerate(groups, 1):
             pixels = torch.stack([item.pixels for item in group]).to(device, non_blocking=True)
             original = encode(backbone, pixels, blocks, **options)
             if head is None:
@@ -194,8 +281,10 @@ def iter_tokens(
                 corrected = head.correct(original)
             else:
                 corrected = encode(corrected_backbone, pixels, blocks, **options)
+            positional = subtract_position(head, original) if positional_baseline and head is not None else None
             yield TokenBatch([item.index for item in group], [item.target for item in group],
-                             [item.image for item in group] if keep_images else None, pixels, original, corrected)
+                             [item.image for item in group] if keep_images else None, pixels, original, corrected,
+                             positional, step=step, ends_step=number == len(groups))
         done += len(items)
         if progress:
             progress(stage, done, total)

@@ -4,10 +4,15 @@ Pass 1 encodes the real images once and accumulates the moments of every request
 (tokens are cached when they fit in ``cache_gb``); pass 2 counts the responses of
 the real tokens (from the cache, else a second forward) and of the synthetic images (their only
 forward). With the cache every image is encoded exactly once.
+
+Both passes scale out over a :mod:`torch.distributed` group (each rank its share of the real and
+synthetic batches, accumulators merged across ranks) and resume from a :mod:`~soapvit.resume`
+checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,16 +22,16 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .backbones.base import Backbone
-from .data.images import list_images
-from .data.sources import ImageFiles, ImageSource
+from .backbones.base import BLOCK_FEATURES, Backbone
+from .data.sources import ImageFiles, ImageSource, ImageStream, TarShards, is_stream, open_images
 from .data.synthetic import GENERATORS, SyntheticImages
 from .data.transforms import ImageTransform
 from .errors import SoapvitError
-from .features import encode, iter_tokens, resolve_device
-from .runlog import Progress, RunLog, RunReport
+from .features import encode, gather_log, iter_tokens, resolve_device
+from .resume import FitCheckpoint, FitState, align_stages
+from .runlog import Progress, RunReport
 from .soap import BlockStatistics, SoapConfig, SoapHead
-from .stats import ResponseCounts, StreamingMoments, principal_components
+from .stats import principal_components
 from .validation import COUNT, OPTIONAL_COUNT, Interval, Options, validate
 
 
@@ -54,87 +59,130 @@ def collect_statistics(
     image_transform: ImageTransform,
     batch_size: int = 32,
     norm: bool = True,
+    block_features: str = "residual",
     cache_gb: float = 8.0,
     num_workers: int | None = None,
     progress: Progress | None = None,
+    checkpoint: FitCheckpoint | None = None,
 ) -> tuple[dict[int, BlockStatistics], FitReport]:
-    """Run both passes over ``images`` (real) and ``synthetic``; per-block statistics and a report."""
+    """Run both passes over ``images`` (real) and ``synthetic``; per-block statistics and a report.
+
+    In a :mod:`torch.distributed` group every process takes its share of both sets and the
+    accumulators are merged across ranks (the same numbers on every rank, equal to one process's).
+    With a ``checkpoint`` the state is saved every few batches and a saved state is resumed."""
     device = backbone.device
     side = image_transform.output_size(1, 1)[0] // backbone.patch_size
     grid, dim = (side, side), backbone.embed_dim
-    cache_bytes = len(images) * side * side * dim * len(blocks) * 4
-    use_cache = cache_bytes <= cache_gb * 2**30
-    log = RunLog()
+    state = checkpoint.load(device) if checkpoint is not None else None
+    resumed = state is not None
+    if checkpoint is not None:
+        state = align_stages(state or FitState.fresh(blocks, grid, dim, device))
+    state = state or FitState.fresh(blocks, grid, dim, device)
+    expected = images.limit if is_stream(images) else len(images)
+    use_cache = not resumed and expected is not None and expected * side * side * dim * len(blocks) * 4 <= cache_gb * 2**30
     start = time.perf_counter()
 
-    def real_batches(stage: str):
-        return iter_tokens(backbone, images, image_transform, blocks=blocks, norm=norm, batch_size=batch_size,
-                           num_workers=num_workers, log=log, progress=progress, stage=stage)
+    def real_batches(stage: str, start_step: int):
+        return iter_tokens(backbone, images, image_transform, blocks=blocks, norm=norm, block_features=block_features,
+                           batch_size=batch_size, num_workers=num_workers, across_ranks=True, start_step=start_step,
+                           log=state.log, progress=progress, stage=stage)
+
+    def step_done(steps: int, attribute: str) -> None:
+        setattr(state, attribute, steps)
+        if checkpoint is not None:
+            checkpoint.step_done(state)
 
     # pass 1: moments of the real tokens
-    moments = {b: StreamingMoments(dim, device) for b in blocks}
-    position_sum = {b: torch.zeros(*grid, dim, dtype=torch.float64, device=device) for b in blocks}
-    cache: list[dict[int, Tensor]] = []
-    n_real = 0
-    for batch in real_batches("real images"):
-        tokens = batch.original.tokens
-        for b in blocks:
-            moments[b].update(tokens[b].reshape(-1, dim))
-            position_sum[b] += tokens[b].sum(dim=0, dtype=torch.float64)
-        if use_cache:
-            cache.append(tokens)
-        n_real += len(batch.indices)
-    if n_real < 2:
-        raise SoapvitError(f"--images: need at least 2 readable images, got {n_real}")
+    cache: list[tuple[int, bool, dict[int, Tensor]]] = []
+    if state.stage == "moments":
+        for batch in real_batches("real images", state.real_steps):
+            tokens = batch.original.tokens
+            for b in blocks:
+                state.moments[b].update(tokens[b].reshape(-1, dim))
+                state.position_sum[b] += tokens[b].sum(dim=0, dtype=torch.float64)
+            if use_cache:
+                cache.append((batch.step, batch.ends_step, tokens))
+            state.n_real += len(batch.indices)
+            if batch.ends_step:
+                step_done(batch.step + 1, "real_steps")
+        state.finish_moments()
+        if checkpoint is not None:
+            checkpoint.save(state)
+    if state.n_real < 2:
+        raise SoapvitError(f"--images: need at least 2 readable images, got {state.n_real}")
 
-    pcs = {b: principal_components(moments[b]) for b in blocks}
+    pcs = {b: principal_components(state.moments[b]) for b in blocks}
     # responses are sign tests on float32 tokens: float32 projections suffice and cost half
     components = {b: pcs[b][1].float() for b in blocks}
-    means = {b: moments[b].mean.float() for b in blocks}
-    real = {b: ResponseCounts.zeros(grid, dim, device) for b in blocks}
-    fake = {b: ResponseCounts.zeros(grid, dim, device) for b in blocks}
+    means = {b: state.moments[b].mean.float() for b in blocks}
 
     # pass 2: responses of real (cached or re-encoded) and synthetic tokens
-    real_tokens = iter(cache) if use_cache else (batch.original.tokens for batch in real_batches("real images (2nd pass)"))
-    for tokens in real_tokens:
+    if use_cache:
+        real_tokens = iter(cache)
+    else:
+        real_tokens = ((batch.step, batch.ends_step, batch.original.tokens)
+                       for batch in real_batches("real images (2nd pass)", state.real_steps))
+    for step, ends_step, tokens in real_tokens:
+        if step < state.real_steps:
+            continue
         for b in blocks:
-            real[b].update(tokens[b], means[b], components[b])
+            state.real[b].update(tokens[b], means[b], components[b])
+        if ends_step:
+            step_done(step + 1, "real_steps")
     cache.clear()
-    done = 0
-    for pixels in synthetic.batches(batch_size, device):
-        feats = encode(backbone, pixels, blocks, norm=norm)
+    done = state.fake[blocks[0]].images
+    for step, pixels in enumerate(synthetic.batches(batch_size, device, across_ranks=True,
+                                                    start_step=state.synthetic_steps), state.synthetic_steps):
+        feats = encode(backbone, pixels, blocks, norm=norm, block_features=block_features)
         for b in blocks:
-            fake[b].update(feats.tokens[b], means[b], components[b])
+            state.fake[b].update(feats.tokens[b], means[b], components[b])
         done += pixels.shape[0]
+        step_done(step + 1, "synthetic_steps")
         if progress:
             progress("synthetic images", done, synthetic.count)
-    if done == 0:
+    real = {b: state.real[b].across_ranks() for b in blocks}
+    fake = {b: state.fake[b].across_ranks() for b in blocks}
+    if fake[blocks[0]].images == 0:
         raise SoapvitError("--synthetic produced no images")
+    log = gather_log(state.log)
 
     stats = {
-        b: BlockStatistics(moments[b], pcs[b][0], pcs[b][1], real[b], fake[b], position_sum[b] / n_real)
+        b: BlockStatistics(state.moments[b], pcs[b][0], pcs[b][1], real[b], fake[b],
+                           state.position_sum[b] / state.n_real)
         for b in blocks
     }
     report = FitReport(results={}, settings={}, log=log, seconds={"total": time.perf_counter() - start},
-                       n_real=n_real, n_synthetic=done, cached=use_cache)
+                       n_real=state.n_real, n_synthetic=fake[blocks[0]].images, cached=use_cache)
     return stats, report
 
 
 FIT_CONSTRAINTS = {
     "limit": OPTIONAL_COUNT, "synthetic": OPTIONAL_COUNT, "image_size": OPTIONAL_COUNT, "batch_size": COUNT,
     "cache_gb": Interval(float, 0), "num_workers": Interval(int, 0, optional=True), "seed": Interval(int),
-    "generator": Options(GENERATORS),
+    "generator": Options(GENERATORS), "block_features": Options(BLOCK_FEATURES), "checkpoint_every": COUNT,
 }
 
 
-def resolve_images(images: str | Path | Sequence[Path] | ImageSource, limit: int | None = None) -> ImageSource:
-    """A folder (searched recursively) or a list of files → an :class:`ImageFiles` source; a source
-    is returned as it is (``limit`` applies to folders and lists)."""
+def resolve_images(images: str | Path | Sequence[Path] | ImageSource | ImageStream,
+                   limit: int | None = None) -> ImageSource | ImageStream:
+    """A folder (searched recursively), a file list, tar shards (see :func:`open_images`) or a
+    list of files → a source; a source is returned as it is (``limit`` applies to the others)."""
     if isinstance(images, (str, Path)):
-        return ImageFiles(list_images(images, limit, recursive=True))
+        return open_images(images, limit)
     if isinstance(images, Sequence):
         return ImageFiles(list(images)[:limit])
     return images
+
+
+def data_fingerprint(source: ImageSource | ImageStream) -> str:
+    """A digest of the items a source names (shards and limit for :class:`TarShards`)."""
+    if isinstance(source, TarShards):
+        names = [*map(str, source.shards), f"limit={source.limit}"]
+    elif is_stream(source):
+        names = [type(source).__name__, f"limit={source.limit}"]
+    else:
+        names = [source.name(i) for i in range(len(source))]
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:24]
 
 
 def fit(
@@ -151,15 +199,25 @@ def fit(
     device: str | torch.device | None = None,
     seed: int = 0,
     norm: bool = True,
+    block_features: str = "residual",
     config: SoapConfig | None = None,
     cache_gb: float = 8.0,
     num_workers: int | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 100,
     progress: Progress | None = None,
 ) -> tuple[SoapHead, FitReport]:
     """Fit a SOAP head for ``backbone`` on natural images (a folder, a file list or a source).
 
     ``synthetic`` defaults to the number of real images; ``blocks`` are fitted (``"all"``,
     ``"last"`` or indices) and the projector is built for ``apply_block`` (default the last).
+    ``block_features`` picks what a block's tokens are (see
+    :meth:`~soapvit.backbones.base.Backbone.forward_features`); ``"branch"`` is for the depth
+    sweep of the SOAP authors, not for a head to apply.
+
+    Under ``torchrun`` (a :mod:`torch.distributed` group) the processes share the images and
+    return the same head as one process. ``checkpoint``: a folder where the state is saved every
+    ``checkpoint_every`` batches; rerunning the same fit resumes from it.
     """
     validate(locals(), FIT_CONSTRAINTS)
     device = resolve_device(device)
@@ -171,16 +229,27 @@ def fit(
         block_ids = sorted({*block_ids, apply_id})
     transform = ImageTransform.for_backbone(backbone, size=image_size or backbone.image_size, mode="square")
     side = transform.output_size(1, 1)[0]
-    n_synthetic = len(source) if synthetic is None else synthetic
+    n_synthetic = synthetic if synthetic is not None else source.limit if is_stream(source) else len(source)
+    if n_synthetic is None:
+        raise SoapvitError("--synthetic: give a count when tar shards are read without --limit")
     fakes = SyntheticImages(n_synthetic, side, generator, seed, backbone.image_mean, backbone.image_std)
+    saver = None
+    if checkpoint is not None:
+        saver = FitCheckpoint(checkpoint, checkpoint_every, {
+            "backbone": backbone.model_id, "weights_digest": backbone.weights_digest(), "blocks": block_ids,
+            "image_size": side, "norm": norm, "block_features": block_features, "images": data_fingerprint(source),
+            "batch_size": batch_size, "synthetic": n_synthetic, "generator": generator,
+            "generator_version": fakes.version, "seed": seed})
     torch.manual_seed(seed)
     stats, report = collect_statistics(
         backbone, source, fakes, blocks=block_ids, image_transform=transform, batch_size=batch_size, norm=norm,
-        cache_gb=cache_gb, num_workers=num_workers, progress=progress,
+        block_features=block_features, cache_gb=cache_gb, num_workers=num_workers, progress=progress,
+        checkpoint=saver,
     )
     metadata = {
         "backbone": backbone.model_id, "weights_digest": backbone.weights_digest(), "blocks": block_ids,
         "image_size": side, "grid": [side // backbone.patch_size] * 2, "norm": norm,
+        "block_features": block_features,
         "n_real": report.n_real, "n_synthetic": report.n_synthetic, "generator": generator,
         "generator_version": fakes.version, "seed": seed,
         "backbone_config": backbone.describe(), "soapvit_version": __version__, **report.log.to_dict(),

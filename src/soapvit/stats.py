@@ -3,7 +3,12 @@
 :class:`StreamingMoments` keeps count, mean and the centred scatter matrix in float64 and
 merges batches with Chan et al.'s parallel update, so chunks of any size, from any number of
 processes, give the same mean and covariance as one pass. :class:`ResponseCounts` counts, per
-patch position and principal component, how often a token projects positively.
+patch position and principal component, how often a token projects positively. Both merge across
+the processes of a :mod:`torch.distributed` group (``across_ranks``), both round-trip through
+``state_dict`` (fit checkpoints).
+
+On a GPU every update stays on the device: the batch's scatter in the tokens' float32, the merge
+into the float64 accumulators.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from . import distributed
 
 
 class StreamingMoments:
@@ -47,6 +54,20 @@ class StreamingMoments:
         if other.count:
             self._merge(other.count, other.mean.to(self.mean.device), other.scatter.to(self.mean.device))
         return self
+
+    def across_ranks(self) -> StreamingMoments:
+        """The moments of every process's rows: per-rank (count, mean, scatter) gathered and
+        Chan-merged in rank order, identical on every rank."""
+        if not distributed.active():
+            return self
+        counts = distributed.all_gather_tensor(torch.tensor([self.count], dtype=torch.int64, device=self.mean.device))
+        means = distributed.all_gather_tensor(self.mean)
+        scatters = distributed.all_gather_tensor(self.scatter)
+        merged = StreamingMoments(self.dim, self.mean.device)
+        for count, mean, scatter in zip(counts, means, scatters):
+            if int(count):
+                merged._merge(int(count), mean, scatter)
+        return merged
 
     def _merge(self, n_b: int, mean_b: Tensor, scatter_b: Tensor) -> None:
         n_a = self.count
@@ -123,6 +144,20 @@ class ResponseCounts:
         self.raw += (raw >= 0).sum(dim=0).to(self.raw.device)
         self.images += tokens.shape[0]
         return self
+
+    def across_ranks(self) -> ResponseCounts:
+        """The counts of every process summed (integers: exact), identical on every rank."""
+        images = distributed.all_reduce_sum(torch.tensor([self.images], dtype=torch.int64, device=self.raw.device))
+        return ResponseCounts(distributed.all_reduce_sum(self.centred), distributed.all_reduce_sum(self.raw),
+                              int(images))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"centred": self.centred, "raw": self.raw, "images": torch.tensor(self.images, dtype=torch.int64)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], device: torch.device | str = "cpu") -> ResponseCounts:
+        return cls(state["centred"].to(device, torch.int64).clone(), state["raw"].to(device, torch.int64).clone(),
+                   int(state["images"]))
 
     def merge(self, other: ResponseCounts) -> ResponseCounts:
         self.centred += other.centred.to(self.centred.device)

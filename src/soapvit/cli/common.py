@@ -73,10 +73,23 @@ def set_threads(threads: int) -> None:
 
 
 def load_backbone(model: str, device: str | None):
+    """The backbone on this process's device; under torchrun this joins the process group first
+    (see :func:`join_launcher`)."""
     from ..backbones import load
     from ..features import resolve_device
 
-    return load(model, device=str(resolve_device(device)))
+    return load(model, device=str(join_launcher(resolve_device(device))))
+
+
+def join_launcher(device):
+    """Under torchrun: join its process group (gloo on CPU, NCCL on CUDA, one GPU per local rank)
+    and silence every rank but 0, which alone prints and writes. Returns this rank's device."""
+    from .. import distributed
+
+    device = distributed.setup(device)
+    if not distributed.is_main():
+        console.quiet = report.quiet = True
+    return device
 
 
 def load_head(path: Path | None):
@@ -140,7 +153,10 @@ def print_side_by_side(title: str, results: dict[str, dict], columns: list[tuple
 
 
 def write_json(path: Path | None, payload: dict) -> None:
-    if path is not None:
+    """Write ``payload`` (rank 0 only under torchrun)."""
+    from .. import distributed
+
+    if path is not None and distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=1))
         say(f"wrote {path}")

@@ -29,12 +29,14 @@ def parse_mu(value: str) -> float | None:
 
 def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, blocks="all", apply_block=-1,
             image_size=None, batch_size=32, device=None, seed=0, variant="reference", weighting=None,
-            mu="2", tau=0.05, remove="", generator="mixture", cache_gb=8.0, threads=None):
+            mu="2", tau=0.05, remove="", generator="mixture", cache_gb=8.0, block_features="residual", threads=None,
+            checkpoint=None, checkpoint_every=100):
     """Check every argument, then load, fit, save; returns ``(backbone, head, report)``.
 
     ``remove`` lists principal components by their 1-based number (``PC3`` → 3), as ``inspect``
-    prints them."""
-    from ..data.images import list_images
+    prints them. Under torchrun every rank fits its share; rank 0 writes the head."""
+    from .. import distributed
+    from ..data.sources import open_images
     from ..fitting import FIT_CONSTRAINTS, fit
     from ..soap import SoapConfig
     from ..validation import validate
@@ -42,31 +44,37 @@ def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, 
     if threads is not None:
         set_threads(threads)
     validate({"limit": limit, "synthetic": synthetic, "image_size": image_size, "batch_size": batch_size,
-              "cache_gb": cache_gb, "generator": generator, "seed": seed}, FIT_CONSTRAINTS)
+              "cache_gb": cache_gb, "generator": generator, "seed": seed, "block_features": block_features,
+              "checkpoint_every": checkpoint_every},
+             FIT_CONSTRAINTS)
     pcs = parse_int_list(remove, "--remove")
     if any(pc < 1 for pc in pcs):
         raise SoapvitError(f"--remove lists principal components from 1 (PC1 = largest variance), not {remove!r}")
     config = SoapConfig(variant=variant, weighting=weighting, mu=parse_mu(mu), tau=tau, remove=[pc - 1 for pc in pcs])
     block_selection = parse_blocks(blocks)
     check_writable(out)
-    files = list_images(images, limit, recursive=True)  # check the folder before loading a model
+    source = open_images(images, limit)  # check the folder, list or shards before loading a model
     backbone = load_backbone(model, device)
     if image_size is not None and image_size < 2 * backbone.patch_size:
         raise SoapvitError(f"--image-size {image_size} gives fewer than 2x2 patches of {backbone.patch_size} px")
     backbone.resolve_blocks(block_selection)
     backbone.resolve_blocks(apply_block)
     with RichProgress() as progress:
-        head, result = fit(backbone, files, synthetic=synthetic, generator=generator, blocks=block_selection,
+        head, result = fit(backbone, source, synthetic=synthetic, generator=generator, blocks=block_selection,
                            apply_block=apply_block, image_size=image_size, batch_size=batch_size,
-                           device=backbone.device, seed=seed, config=config, cache_gb=cache_gb, progress=progress)
-    head.save(out)
+                           device=backbone.device, seed=seed, config=config, cache_gb=cache_gb,
+                           block_features=block_features, checkpoint=checkpoint,
+                           checkpoint_every=checkpoint_every, progress=progress)
+    if distributed.is_main():
+        head.save(out)
     return backbone, head, result
 
 
 @app.command("fit")
 def fit_command(
     model: ModelOpt,
-    images: Annotated[Path, typer.Option(help="Folder of natural images (subfolders included).")],
+    images: Annotated[Path, typer.Option(help="Natural images: a folder (subfolders included), a text file "
+                                              "listing image paths, or tar shards ('train-{000..099}.tar').")],
     out: Annotated[Path, typer.Option(help="Head file to write (.safetensors).")],
     limit: Annotated[int | None, typer.Option(help="Use at most N images.")] = None,
     synthetic: Annotated[int | None, typer.Option(help="Synthetic images (default: as many as real).")] = None,
@@ -85,13 +93,20 @@ def fit_command(
                                              "numbered from 1 as inspect prints them (PC3 → 3).")] = "",
     generator: Annotated[str, typer.Option(help="Synthetic generator: mixture, marginal, pink, modulated, gradient.")] = "mixture",
     cache_gb: Annotated[float, typer.Option(help="Memory for caching real tokens between passes.")] = 8.0,
+    block_features: Annotated[str, typer.Option(
+        help="residual (each block's output, final norm applied) or branch (the MLP-branch output the SOAP "
+             "authors hook for their depth sweep).")] = "residual",
     threads: ThreadsOpt = 1,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Folder for resumable state: rerunning the same command continues from it.")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Save the state every N batches.")] = 100,
 ) -> None:
-    """Fit a SOAP head: PCA of patch tokens, SI scores, projector."""
+    """Fit a SOAP head: PCA of patch tokens, SI scores, projector (torchrun: on several processes)."""
     _, head, result = run_fit(model, images, out, limit=limit, synthetic=synthetic, blocks=blocks,
                               apply_block=apply_block, image_size=image_size, batch_size=batch_size,
                               device=device, seed=seed, variant=variant, weighting=weighting, mu=mu, tau=tau,
-                              remove=remove, generator=generator, cache_gb=cache_gb, threads=threads)
+                              remove=remove, generator=generator, cache_gb=cache_gb, block_features=block_features,
+                              threads=threads, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     print_log(result)
     say(f"fitted {len(head.blocks)} block(s) on {result.n_real} real + {result.n_synthetic} synthetic "
         f"images in {result.seconds['total']:.1f} s ({result.images_per_second:.1f} images/s) → {out}")

@@ -6,11 +6,17 @@ A source is indexable: :meth:`~ImageSource.name` names item ``i`` in messages,
 uint8 tensor ``(3, H, W)`` and the target is whatever the job scores against (a saliency mask, a
 label map, a class index, or ``None``). ``load`` raises :class:`~soapvit.errors.SoapvitError`
 naming the file when an item cannot be read; the pipeline records it and moves on.
+
+Sequential data (tar shards, read without extracting them) is an :class:`ImageStream` instead:
+:meth:`~ImageStream.stream` yields the items one reader (a process × a DataLoader worker) reads.
+:func:`open_images` is the one entry for ``--images``: a folder (recursive), a file list or shards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,8 +26,9 @@ from PIL import Image
 from torch import Tensor
 
 from .augment import random_resized_flip
-from .images import ImageReadError, load_image
+from .images import DataFolderError, ImageReadError, list_images, load_image
 from .labelled import LabelledImages
+from .shards import IMAGE_PARTS, _read_shard
 
 EXIF_ORIENTATION = 0x0112
 SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that rotate by 90°
@@ -35,6 +42,24 @@ class ImageSource(Protocol):
     def image_size(self, index: int) -> tuple[int, int]: ...
 
     def load(self, index: int) -> tuple[Image.Image | Tensor, Any]: ...
+
+
+Loader = Callable[[], tuple[Image.Image | Tensor, Any]]
+
+
+class ImageStream(Protocol):
+    """Items read in order. ``stream(reader, readers)`` yields ``(index, name, load)`` for this
+    reader's items only (readers never overlap; together they read every item once); ``index`` is
+    the item's position in the whole stream and ``load()`` decodes it as :meth:`ImageSource.load`.
+    ``limit``: at most this many items, if known."""
+
+    limit: int | None
+
+    def stream(self, reader: int, readers: int) -> Iterator[tuple[int, str, Loader]]: ...
+
+
+def is_stream(source: ImageSource | ImageStream) -> bool:
+    return hasattr(source, "stream")
 
 
 def header_size(path: str | Path) -> tuple[int, int]:
@@ -94,3 +119,99 @@ class AugmentedViews:
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + image_index) * 1_009 + view)
             image = random_resized_flip(image[None], generator)[0]
         return image, target
+
+
+@dataclass
+class TarShards:
+    """Webdataset-style tar shards (``KEY.jpg`` + ``KEY.cls`` …, ``.tar`` or ``.tar.gz``) streamed
+    without extracting; the target is ``None``. Readers split whole shards round-robin when there
+    are at least as many shards as readers and no ``limit``; otherwise every reader walks the
+    stream (up to ``limit`` samples) and decodes every ``readers``-th sample."""
+
+    shards: Sequence[Path]
+    limit: int | None = None
+
+    def stream(self, reader: int, readers: int) -> Iterator[tuple[int, str, Loader]]:
+        by_shard = self.limit is None and len(self.shards) >= readers
+        shards = self.shards[reader::readers] if by_shard else self.shards
+        position = 0
+        for shard in shards:
+            problems: list[str] = []
+            for key, parts in _read_shard(Path(shard), problems):
+                if self.limit is not None and position >= self.limit:
+                    return
+                if by_shard or position % readers == reader:
+                    yield position, f"{Path(shard).name}:{key}", _sample_loader(parts, f"{Path(shard).name}:{key}")
+                position += 1
+            for problem in problems:
+                yield -1, str(shard), _failing_loader(ImageReadError(f"shard {problem}"))
+
+
+def _sample_loader(parts: dict[str, bytes], name: str) -> Loader:
+    def load() -> tuple[Image.Image, None]:
+        data = next((parts[ext] for ext in IMAGE_PARTS if ext in parts), None)
+        if data is None:
+            raise ImageReadError(f"sample {name} has no {'/'.join('.' + ext for ext in IMAGE_PARTS)} image")
+        return load_image(io.BytesIO(data), name=name), None
+
+    return load
+
+
+def _failing_loader(error: ImageReadError) -> Loader:
+    def load():
+        raise error
+
+    return load
+
+
+BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style ``{000..012}`` ranges (zero padding kept) and ``{a,b}`` lists, left to right."""
+    matches = [m for m in (BRACE_RANGE.search(pattern), BRACE_LIST.search(pattern)) if m is not None]
+    if not matches:
+        return [pattern]
+    match = min(matches, key=lambda m: m.start())
+    if match.re is BRACE_RANGE:
+        first, last = match.group(1), match.group(2)
+        width = len(first) if first.startswith("0") else 0
+        options = [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
+    else:
+        options = match.group(1).split(",")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def open_images(spec: str | Path, limit: int | None = None, *, what: str = "--images") -> ImageSource | ImageStream:
+    """``--images``: tar shards (a ``.tar``/``.tar.gz`` path or brace pattern) as a stream; a text
+    file listing one image path per line (relative to the list's folder; blank lines and ``#``
+    comments ignored); or a folder searched recursively. At most ``limit`` images."""
+    text = str(spec)
+    if text.endswith(SHARD_SUFFIXES):
+        shards = [Path(p) for p in expand_braces(text)]
+        missing = [p for p in shards if not p.is_file()]
+        if missing:
+            raise DataFolderError(f"{what}: shard {missing[0]} does not exist"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return TarShards(shards, limit)
+    path = Path(spec)
+    if path.is_file():
+        return ImageFiles(read_file_list(path, what)[:limit])
+    return ImageFiles(list_images(path, limit, recursive=True, what=what))
+
+
+def read_file_list(path: Path, what: str = "--images") -> list[Path]:
+    """The image paths listed in ``path``, one per line, relative to its folder."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataFolderError(f"{what}: cannot read the file list {path}: {err}") from err
+    files = [path.parent / line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not files:
+        raise DataFolderError(f"{what}: the file list {path} names no image")
+    return files

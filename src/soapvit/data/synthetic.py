@@ -2,14 +2,17 @@
 
 Every generator works in ImageNet-normalised space, as the SOAP reference does, and the result
 is re-normalised to the target backbone's mean/std when those differ. A :class:`SyntheticImages`
-source is seeded: the same seed, batch size and count give the same images.
+source is seeded per image: image ``i`` comes from its own generator seeded by ``(seed, i)``, so
+the images do not depend on the batch size or on how many processes share the work.
 
 :data:`GENERATOR_VERSION` changes whenever the images a seed gives change (version 2: the
-modulated component's envelope is a std-normalised pink field in pixel range, not the raw one).
+modulated component's envelope is a std-normalised pink field in pixel range, not the raw one;
+version 3: one generator per image instead of one per stream).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,11 +21,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import SoapvitError
 from .transforms import denormalize, normalize
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 GENERATORS = ("mixture", "marginal", "pink", "modulated", "gradient")
 MARGINAL_KINDS = ("uniform", "gaussian", "pink", "gradient", "constant")
 MARGINAL_PROBS = (0.05, 0.15, 0.4, 0.3, 0.1)
@@ -145,15 +149,28 @@ class SyntheticImages:
         if self.count < 0:
             raise SoapvitError(f"--synthetic must be >= 0, not {self.count}")
 
-    def batches(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[Tensor]:
-        """Yield ``(b, 3, size, size)`` float tensors on ``device``."""
+    def image_seed(self, index: int) -> int:
+        """The seed of image ``index``'s generator: a 63-bit hash of ``(seed, index)``."""
+        digest = hashlib.blake2b(f"{self.seed}/{index}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
+
+    def images(self, indices: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+        """Images ``indices`` as one ``(len(indices), 3, size, size)`` float tensor on ``device``."""
         device = torch.device(device)
-        rng = torch.Generator(device=device)
-        rng.manual_seed(self.seed)
         make = _GENERATOR_FUNCS[self.generator]
-        renorm = tuple(self.mean) != IMAGENET_MEAN or tuple(self.std) != IMAGENET_STD
-        for start in range(0, self.count, batch_size):
-            images = make(min(batch_size, self.count - start), self.size, rng, device=device)
-            if renorm:
-                images = normalize(denormalize(images, IMAGENET_MEAN, IMAGENET_STD), self.mean, self.std)
-            yield images
+        rng = torch.Generator(device=device)
+        images = torch.cat([make(1, self.size, rng.manual_seed(self.image_seed(i)), device=device) for i in indices])
+        if tuple(self.mean) != IMAGENET_MEAN or tuple(self.std) != IMAGENET_STD:
+            images = normalize(denormalize(images, IMAGENET_MEAN, IMAGENET_STD), self.mean, self.std)
+        return images
+
+    def batches(self, batch_size: int, device: torch.device | str = "cpu", *, across_ranks: bool = False,
+                start_step: int = 0) -> Iterator[Tensor]:
+        """Yield ``(b, 3, size, size)`` float tensors on ``device``: batches of consecutive images,
+        with ``across_ranks`` dealt round-robin to the processes of a :mod:`torch.distributed`
+        group, from this process's batch ``start_step`` on."""
+        starts = list(range(0, self.count, batch_size))
+        if across_ranks:
+            starts = distributed.share(starts)
+        for start in starts[start_step:]:
+            yield self.images(range(start, min(start + batch_size, self.count)), device)

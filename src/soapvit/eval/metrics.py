@@ -14,13 +14,19 @@ Ground truth: any non-zero pixel is foreground.
 
 Segmentation: a confusion matrix over labelled pixels (ignore index excluded); IoU per class
 with a non-empty union, mIoU their mean, pixel accuracy.
+
+Accumulators are sums, so the processes of a :mod:`torch.distributed` group each score their
+share and :func:`across_ranks` adds them up.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
+
+from .. import distributed
 
 BETA_SQ = 0.3
 N_THRESHOLDS = 255
@@ -85,6 +91,13 @@ class SalientMetrics:
         self.n_images += 1
         return scores
 
+    def merge(self, other: SalientMetrics) -> SalientMetrics:
+        self.iou_sum += other.iou_sum
+        self.accuracy_sum += other.accuracy_sum
+        self.f_sum = self.f_sum + other.f_sum
+        self.n_images += other.n_images
+        return self
+
     def result(self) -> dict:
         """``{"maxFbeta", "iou", "acc", "n_images"}``, metrics in percent."""
         n = max(self.n_images, 1)
@@ -118,6 +131,10 @@ class SegmentationMetrics:
         flat = gt[keep] * self.num_classes + pred[keep]
         self.confusion += np.bincount(flat, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
 
+    def merge(self, other: SegmentationMetrics) -> SegmentationMetrics:
+        self.confusion = self.confusion + other.confusion
+        return self
+
     def per_class_iou(self) -> np.ndarray:
         """IoU per class, NaN where the class is neither labelled nor predicted."""
         tp = np.diag(self.confusion).astype(np.float64)
@@ -135,3 +152,15 @@ class SegmentationMetrics:
             "acc": 100.0 * float(np.trace(self.confusion) / total) if total else 0.0,
             "per_class_iou": {names[c]: 100.0 * float(v) for c, v in enumerate(iou) if np.isfinite(v)},
         }
+
+
+Metrics = TypeVar("Metrics", SalientMetrics, SegmentationMetrics)
+
+
+def across_ranks(metrics: dict[str, Metrics]) -> dict[str, Metrics]:
+    """Every rank's accumulators by name, merged in rank order (a name some rank lacks is fine)."""
+    merged: dict[str, Metrics] = {}
+    for part in distributed.all_gather_objects(metrics):
+        for name, accumulator in part.items():
+            merged[name] = merged[name].merge(accumulator) if name in merged else accumulator
+    return merged
