@@ -79,7 +79,8 @@ def collect_statistics(
         state = align_stages(state or FitState.fresh(blocks, grid, dim, device))
     state = state or FitState.fresh(blocks, grid, dim, device)
     expected = images.limit if is_stream(images) else len(images)
-    use_cache = not resumed and expected is not None and expected * side * side * dim * len(blocks) * 4 <= cache_gb * 2**30
+    cache_bytes = None if expected is None else expected * side * side * dim * len(blocks) * 4
+    use_cache = not resumed and cache_bytes is not None and cache_bytes <= cache_gb * 2**30
     start = time.perf_counter()
 
     def real_batches(stage: str, start_step: int):

@@ -5,7 +5,8 @@ Per image (and per augmentation view) the cache keeps the chosen block's prefix 
 everything the tokens depend on: model id, a digest of the backbone's weights, image size, block,
 final norm, views and their seed, the data selection, and the SOAP head when it changes the
 cached tokens (a head applied at an earlier block). Parts of ``part_size`` images are written as
-they finish (atomically), so an interrupted run resumes where it stopped.
+they finish (atomically), so an interrupted run resumes where it stopped. Under torchrun each
+process encodes its share of a part, every rank receives the whole part, rank 0 writes it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .. import distributed
 from ..backbones.base import Backbone
 from ..data.labelled import LabelledImages
 from ..data.sources import AugmentedViews
@@ -104,16 +106,20 @@ def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, 
             hits += 1
         else:
             t0 = time.perf_counter()
-            rows: dict[str, list[Tensor]] = {}
+            rows: list[tuple[int, dict[str, Tensor]]] = []
             for batch in iter_tokens(backbone, source, transform, blocks=block, head=inside, norm=norm,
                                      indices=range(start * views, stop * views), batch_size=batch_size,
-                                     num_workers=num_workers):
+                                     num_workers=num_workers, across_ranks=True):
+                encoded = {}
                 for variant, feats in batch.variants().items():
-                    rows.setdefault(f"{variant}.prefix", []).append(feats.prefix[block].half().cpu())
-                    rows.setdefault(f"{variant}.patches", []).append(feats.tokens[block].flatten(1, 2).half().cpu())
-            parts.append({k: torch.cat(v).contiguous() for k, v in rows.items()})
+                    encoded[f"{variant}.prefix"] = feats.prefix[block].half().cpu()
+                    encoded[f"{variant}.patches"] = feats.tokens[block].flatten(1, 2).half().cpu()
+                rows += [(index, {k: v[i].clone() for k, v in encoded.items()})
+                         for i, index in enumerate(batch.indices)]
+            ordered = distributed.gather_by_index(rows)
+            parts.append({k: torch.stack([row[k] for row in ordered]).contiguous() for k in ordered[0]})
             encode_seconds += time.perf_counter() - t0
-            if path is not None:
+            if path is not None and distributed.is_main():
                 partial = path.with_suffix(".partial")
                 save_file(parts[-1], str(partial))
                 partial.replace(path)

@@ -23,15 +23,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from .. import distributed
 from ..backbones.base import Backbone
 from ..data.segmentation import SegmentationSplit
 from ..data.transforms import RESAMPLING, ImageTransform
 from ..errors import SoapvitError
-from ..features import TokenBatch, iter_tokens
+from ..features import TokenBatch, gather_log, iter_tokens
 from ..runlog import Progress, RunLog, RunReport
 from ..soap import SoapHead
 from ..validation import COUNT, OPTIONAL_COUNT, POSITIVE, Interval, Options, validate
-from .metrics import SegmentationMetrics
+from .metrics import SegmentationMetrics, across_ranks
 
 UPSAMPLING = ("nearest", "bilinear")
 CONSTRAINTS = {
@@ -146,7 +147,8 @@ def _labels_at_input(labels: np.ndarray, pixels: Tensor) -> np.ndarray:
 
 def build_memory_bank(backbone: Backbone, split: SegmentationSplit, config: KnnConfig, *, head: SoapHead | None = None,
                       log: RunLog, num_workers: int | None = None, progress: Progress | None = None) -> MemoryBank:
-    """Encode the training split once and keep (a sample of) its labelled patches."""
+    """Encode the training split once and keep (a sample of) its labelled patches, in dataset
+    order; under torchrun each process encodes its share and the bank is gathered on every rank."""
     transform = config.image_transform(backbone)
     p = backbone.patch_size
     keep_global, offsets = None, {}
@@ -165,12 +167,12 @@ def build_memory_bank(backbone: Backbone, split: SegmentationSplit, config: KnnC
             gen = torch.Generator().manual_seed(config.seed)
             keep_global = torch.zeros(start, dtype=torch.bool)
             keep_global[torch.randperm(start, generator=gen)[: config.max_bank]] = True
-    feats: dict[str, list[Tensor]] = {}
-    labels: list[Tensor] = []
+    entries: list[tuple[int, tuple[Tensor, dict[str, Tensor]]]] = []
     block = backbone.num_blocks - 1
+    keep_on = "cpu" if distributed.active() else backbone.device
     for batch in iter_tokens(backbone, split, transform, blocks=block, head=head, batch_size=config.batch_size,
-                             num_workers=num_workers, positional_baseline=True, log=log, progress=progress,
-                             stage="memory bank"):
+                             num_workers=num_workers, positional_baseline=True, across_ranks=True, log=log,
+                             progress=progress, stage="memory bank"):
         per_variant = _normalised_variants(batch, block)
         n_patch = batch.original.tokens[block].shape[1] * batch.original.tokens[block].shape[2]
         for i, (index, lab) in enumerate(zip(batch.indices, batch.targets)):
@@ -178,12 +180,15 @@ def build_memory_bank(backbone: Backbone, split: SegmentationSplit, config: KnnC
                                                split.ignore_index)
             if keep_global is not None:
                 labelled &= keep_global[offsets[index] : offsets[index] + n_patch]
-            labels.append(hist[labelled])
-            for v, f in per_variant.items():
-                feats.setdefault(v, []).append(f[i * n_patch : (i + 1) * n_patch][labelled.to(f.device)])
-    if not labels:
-        raise SoapvitError(f"--train: no training image could be read; first problems: {'; '.join(log.lines()[:3])}")
-    return MemoryBank({v: torch.cat(f) for v, f in feats.items()}, torch.cat(labels).to(backbone.device))
+            rows = {v: f[i * n_patch : (i + 1) * n_patch][labelled.to(f.device)].to(keep_on)
+                    for v, f in per_variant.items()}
+            entries.append((index, (hist[labelled], rows)))
+    images = distributed.gather_by_index(entries)
+    if not images:
+        raise SoapvitError(f"--train: no training image could be read; first problems: "
+                           f"{'; '.join(gather_log(log).lines()[:3])}")
+    features = {v: torch.cat([rows[v] for _, rows in images]).to(backbone.device) for v in images[0][1]}
+    return MemoryBank(features, torch.cat([labels for labels, _ in images]).to(backbone.device))
 
 
 def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: SegmentationSplit, *,
@@ -204,8 +209,8 @@ def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: Segmentat
     metrics = {v: SegmentationMetrics(val.num_classes, val.ignore_index) for v in bank.features}
     block, done, n_queries = backbone.num_blocks - 1, 0, 0
     for batch in iter_tokens(backbone, val, config.image_transform(backbone), blocks=block, head=head,
-                             batch_size=config.batch_size, num_workers=num_workers, positional_baseline=True, log=log,
-                             progress=progress, stage="kNN segmentation"):
+                             batch_size=config.batch_size, num_workers=num_workers, positional_baseline=True,
+                             across_ranks=True, log=log, progress=progress, stage="kNN segmentation"):
         b, h, w, _ = batch.original.tokens[block].shape
         for v, queries in _normalised_variants(batch, block).items():
             t0 = time.perf_counter()
@@ -218,6 +223,8 @@ def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: Segmentat
                 metrics[v].add(pred, lab)
         done += len(batch.indices)
     seconds["total"] = time.perf_counter() - start
+    metrics, log = across_ranks(metrics), gather_log(log)
+    done, n_queries = distributed.all_reduce_sum(torch.tensor([done, n_queries])).tolist()
     if done == 0:
         raise SoapvitError(f"--val: no validation image could be read; first problems: {'; '.join(log.lines()[:3])}")
     return KnnReport(

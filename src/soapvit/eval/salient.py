@@ -15,16 +15,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .. import distributed
 from ..backbones.base import Backbone
 from ..data.saliency import SaliencyDataset
 from ..data.transforms import MODES, RESAMPLING, ImageTransform
 from ..errors import SoapvitError
-from ..features import iter_tokens
+from ..features import gather_log, iter_tokens
 from ..runlog import Progress, RunLog, RunReport
 from ..soap import SoapHead
 from ..validation import COUNT, OPTIONAL_COUNT, POSITIVE, Interval, Options, validate
 from .bilateral import BilateralParams, bilateral_solve
-from .metrics import SalientMetrics, salient_scores, to_uint8
+from .metrics import SalientMetrics, across_ranks, salient_scores, to_uint8
 from .tokencut import tokencut_masks, upsample_nearest
 
 FEATURES = ("tokens", "keys")
@@ -103,6 +104,14 @@ class _ExampleKeeper:
             self.items.sort(key=lambda t: (-t[0], t[1]))
             del self.items[self.n :]
 
+    def across_ranks(self) -> _ExampleKeeper:
+        """The ``n`` best examples of every rank's keeper (order: the dataset index)."""
+        merged = _ExampleKeeper(self.n)
+        for part in distributed.all_gather_objects(self.items):
+            for score, order, example in part:
+                merged.offer(score, order, lambda example=example: example)
+        return merged
+
     def examples(self) -> list[Example]:
         return [e for _, _, e in sorted(self.items, key=lambda t: t[1])]
 
@@ -125,6 +134,9 @@ def evaluate_tokencut(
     the fit measured, :func:`~soapvit.features.subtract_position`) is scored too, as
     ``positional``.
 
+    Under torchrun each process scores its share of the images; metrics, examples and the log are
+    merged across ranks (every rank returns the same report).
+
     ``save_masks``: write each scored prediction as an 8-bit PNG named by image stem (original
     in the folder itself, the other variants in a subfolder named after them).
     """
@@ -142,11 +154,10 @@ def evaluate_tokencut(
     params = BilateralParams()
     seconds = {"read_and_encode": 0.0, "tokencut": 0.0, "bilateral": 0.0}
     start = time.perf_counter()
-    order = 0
     batches = iter_tokens(backbone, dataset, config.image_transform(backbone), blocks=block, head=head,
                           keys=config.features == "keys", batch_size=config.batch_size, num_workers=num_workers,
-                          keep_images=True, positional_baseline=config.features == "tokens", log=log,
-                          progress=progress, stage="tokencut")
+                          keep_images=True, positional_baseline=config.features == "tokens", across_ranks=True,
+                          log=log, progress=progress, stage="tokencut")
     t0 = time.perf_counter()
     for batch in batches:
         t1 = time.perf_counter()
@@ -176,11 +187,11 @@ def evaluate_tokencut(
             if "soap" in preds:
                 diff = abs(salient_scores(preds["soap"], mask).iou - salient_scores(preds["original"], mask).iou)
             else:
-                diff = -order
-            keeper.offer(diff, order, lambda: Example(stem, np.asarray(image), mask, dict(preds)))
-            order += 1
+                diff = -index
+            keeper.offer(diff, index, lambda: Example(stem, np.asarray(image), mask, dict(preds)))
         t0 = time.perf_counter()
     seconds["total"] = time.perf_counter() - start
+    metrics, log, keeper = across_ranks(metrics), gather_log(log), keeper.across_ranks()
     if "original" not in metrics:
         raise SoapvitError(f"no image could be evaluated; first problems: {'; '.join(log.lines()[:3])}")
     settings = {**config.__dict__, "model": backbone.model_id, "device": str(backbone.device),
