@@ -108,14 +108,15 @@ class Backbone(nn.Module):
             b = int(b)
             idx = b + self.num_blocks if b < 0 else b
             if not 0 <= idx < self.num_blocks:
-                raise ValueError(f"block {b} is out of range for {self.model_id} ({self.num_blocks} blocks)")
+                raise SoapvitError(f"block {b} is out of range for {self.model_id} ({self.num_blocks} blocks: "
+                                   f"0..{self.num_blocks - 1}, or negative from the end)")
             out.add(idx)
         return sorted(out)
 
     def grid_size(self, pixels: Tensor) -> tuple[int, int]:
         height, width = pixels.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
-            raise ValueError(
+            raise SoapvitError(
                 f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
             )
         return height // self.patch_size, width // self.patch_size

@@ -51,7 +51,16 @@ def main(args: list[str] | None = None) -> None:
     from ..errors import SoapvitError
 
     try:
-        app(args)
+        code = app(args, standalone_mode=False)
+    except typer.Abort:
+        console.print("aborted", highlight=False)
+        sys.exit(130)
+    except typer.TyperException as err:  # usage errors: unknown commands, bad option names or values
+        if type(err).__name__ == "NoArgsIsHelpError":  # a bare command group: its help
+            report.print(err.ctx.get_help(), highlight=False)
+            sys.exit(0)
+        console.print(f"[bold red]error:[/] {escape(err.format_message())}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except (SoapvitError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -60,3 +69,4 @@ def main(args: list[str] | None = None) -> None:
         console.print("[bold red]This is a bug in soapvit[/]: please report it with the command and the traceback above.",
                       highlight=False)
         sys.exit(1)
+    sys.exit(code or 0)

@@ -1,0 +1,112 @@
+"""Nothing a user types may crash a run: every bad option is one line on stderr with exit code 2,
+checked before a model loads where it can be, and random option values never give a traceback."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def fit_args(images, out, *extra):
+    return ["fit", "--model", "zoo:mae", "--images", str(images), "--out", str(out), *extra]
+
+
+BAD_FIT_OPTIONS = [
+    (["--synthetic", "0"], "--synthetic"),
+    (["--image-size", "0"], "--image-size"),
+    (["--image-size", "-64"], "--image-size"),
+    (["--image-size", "13"], "2x2 patches"),
+    (["--limit", "0"], "--limit"),
+    (["--limit", "-3"], "--limit"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "abc"], "--batch-size"),
+    (["--weighting", "manual"], "--remove"),
+    (["--remove", "1,x"], "--remove"),
+    (["--remove", "0"], "--remove"),
+    (["--layers", "99"], "out of range"),
+    (["--blocks", "abc"], "--blocks"),
+    (["--apply-layer", "99"], "out of range"),
+    (["--generator", "clouds"], "--generator"),
+    (["--variant", "x"], "--variant"),
+    (["--tau", "-1"], "--tau"),
+    (["--mu", "many"], "--mu"),
+    (["--device", "mps"], "--device"),
+    (["--block-features", "mlp"], "--block-features"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD_FIT_OPTIONS, ids=[" ".join(a) for a, _ in BAD_FIT_OPTIONS])
+def test_bad_fit_options_are_one_line_errors(run_cli, images, tmp_path, extra, needle):
+    code, _, err = run_cli(fit_args(images, tmp_path / "h.safetensors", *extra))
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "h.safetensors").exists()
+
+
+def test_unwritable_out_fails_before_any_compute(run_cli, images, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(fit_args(images, blocker / "h.safetensors"))
+    assert code == 2 and "--out" in err and "writable" in err
+
+
+def test_square_brackets_in_user_text_survive_the_printer(run_cli, tmp_path):
+    code, _, err = run_cli(["fit", "--model", "zoo:mae", "--images", str(tmp_path / "data[v2]" / "[/y]"),
+                            "--out", str(tmp_path / "h.safetensors")])
+    assert code == 2 and "data[v2]/[/y]" in err
+
+
+def test_eval_options_are_checked_before_the_model_loads(run_cli, tmp_path):
+    common = ["eval", "tokencut", "--model", "hub-is-not-reachable:x", "--images", str(tmp_path)]
+    for extra, needle in ((["--tau", "-3"], "--tau"), (["--tau", "1.5"], "--tau"), (["--resize", "round"], "--resize"),
+                          (["--resample", "magic"], "--resample"), (["--batch-size", "0"], "--batch-size")):
+        code, _, err = run_cli(common + extra)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (extra, err)
+    code, _, err = run_cli(["eval", "knnseg", "--model", "x:y", "--train", str(tmp_path), "--val", str(tmp_path),
+                            "--k", "0"])
+    assert code == 2 and "--k" in err
+
+
+def test_a_head_refuses_another_backbone_unless_allowed(run_cli, images, tmp_path):
+    head = tmp_path / "mae.safetensors"
+    assert run_cli(fit_args(images, head, "--synthetic", "4", "--blocks", "last"))[0] in (0, None)
+    from soapvit.backbones import load
+    from soapvit.soap import SoapHead
+
+    fitted = SoapHead.load(head)
+    fitted.check_backbone(load("zoo:mae"))
+    with pytest.raises(Exception, match="fitted for zoo:mae, not zoo:dino"):
+        fitted.check_backbone(load("zoo:dino"))
+    fitted.check_backbone(load("zoo:dino"), allow_other=True)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    limit=st.one_of(st.none(), st.integers(-3, 6)),
+    synthetic=st.one_of(st.none(), st.integers(-2, 5)),
+    image_size=st.one_of(st.none(), st.sampled_from([-8, 0, 8, 15, 16, 24, 33])),
+    batch_size=st.sampled_from(["-1", "0", "1", "3", "x"]),
+    blocks=st.sampled_from(["all", "last", "0,2", "-1", "7", "a", ""]),
+    tau=st.sampled_from(["0.05", "0", "-1", "nan", "x"]),
+    remove=st.sampled_from(["", "1", "2,3", "0", "99", "1,x"]),
+)
+def test_random_fit_options_never_give_a_traceback(run_cli, images, tmp_path, limit, synthetic, image_size,
+                                                   batch_size, blocks, tau, remove):
+    extra = ["--batch-size", batch_size, "--blocks", blocks, "--tau", tau, "--remove", remove]
+    for name, value in (("--limit", limit), ("--synthetic", synthetic), ("--image-size", image_size)):
+        if value is not None:
+            extra += [name, str(value)]
+    code, _, err = run_cli(fit_args(images, tmp_path / "h.safetensors", *extra))
+    assert code in (0, None, 2), err
+    assert "Traceback" not in err and "bug" not in err
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1, err
