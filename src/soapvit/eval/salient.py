@@ -99,7 +99,9 @@ class _ExampleKeeper:
         self.items: list[tuple[float, int, Example]] = []
 
     def offer(self, score: float, order: int, example_factory) -> None:
-        if len(self.items) < self.n or score > self.items[-1][0]:
+        """Keep the example when it is among the ``n`` best by score, then by lower ``order`` (the
+        choice does not depend on the order of the offers)."""
+        if len(self.items) < self.n or (-score, order) < (-self.items[-1][0], self.items[-1][1]):
             self.items.append((score, order, example_factory()))
             self.items.sort(key=lambda t: (-t[0], t[1]))
             del self.items[self.n :]
