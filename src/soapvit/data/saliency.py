@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .images import DataFolderError, list_images, load_image, read_annotation
-from .sources import header_size
+from .images import DataFolderError, list_images, read_annotation
+from .sources import AnnotatedImages
 
 MASK_FOLDER_NAMES = ("masks", "gt", "GT", "ground_truth", "DUTS-TE-Mask", "pixelwiseGT-new-PNG", "mask")
 
@@ -40,7 +39,7 @@ def guess_mask_folder(images: Path) -> Path:
 
 
 @dataclass
-class SaliencyDataset:
+class SaliencyDataset(AnnotatedImages):
     """Image/mask pairs of two folders, sorted by stem."""
 
     samples: list[SalientSample]
@@ -63,21 +62,9 @@ class SaliencyDataset:
             raise DataFolderError(f"--masks: no mask in {masks} has the stem of an image in {images}")
         return cls(samples[:limit] if limit else samples, missing)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    # -- the image-source protocol (soapvit.data.sources) --
-    def name(self, index: int) -> str:
-        return str(self.samples[index].image)
-
-    def image_size(self, index: int) -> tuple[int, int]:
-        return header_size(self.samples[index].image)
-
-    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
-        """The image and its bool mask at the image's size."""
-        sample = self.samples[index]
-        image = load_image(sample.image)
-        return image, load_mask(sample.mask, size=image.size)
+    def load_target(self, sample: SalientSample, size: tuple[int, int]) -> np.ndarray:
+        """The bool mask at the image's size."""
+        return load_mask(sample.mask, size=size)
 
 
 def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:

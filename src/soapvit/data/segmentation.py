@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .images import DataFolderError, ImageReadError, list_images, load_image, read_annotation
-from .sources import header_size
+from .images import DataFolderError, ImageReadError, list_images, read_annotation
+from .sources import AnnotatedImages
 
 LAYOUTS = ("auto", "camvid", "folder", "ade20k", "voc")
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
@@ -40,7 +39,7 @@ class SegmentationSample:
 
 
 @dataclass
-class SegmentationSplit:
+class SegmentationSplit(AnnotatedImages):
     """Image/label pairs of one split, with the label convention of its layout."""
 
     samples: list[SegmentationSample]
@@ -51,21 +50,9 @@ class SegmentationSplit:
     missing: list[Path] = field(default_factory=list)
     """images that have no label map"""
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    # -- the image-source protocol (soapvit.data.sources) --
-    def name(self, index: int) -> str:
-        return str(self.samples[index].image)
-
-    def image_size(self, index: int) -> tuple[int, int]:
-        return header_size(self.samples[index].image)
-
-    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
-        """The image and its label map at the image's size."""
-        sample = self.samples[index]
-        image = load_image(sample.image)
-        return image, self.load_labels(sample, size=image.size)
+    def load_target(self, sample: SegmentationSample, size: tuple[int, int]) -> np.ndarray:
+        """The label map at the image's size."""
+        return self.load_labels(sample, size=size)
 
     def load_labels(self, sample: SegmentationSample, size: tuple[int, int] | None = None) -> np.ndarray:
         """Label map ``(H, W)`` int64 in this split's convention; resized (nearest, with a warning)
