@@ -50,7 +50,8 @@ Loader = Callable[[], tuple[Image.Image | Tensor, Any]]
 class ImageStream(Protocol):
     """Items read in order. ``stream(reader, readers)`` yields ``(index, name, load)`` for this
     reader's items only (readers never overlap; together they read every item once); ``index`` is
-    the item's position in the whole stream and ``load()`` decodes it as :meth:`ImageSource.load`.
+    unique and sorts items in stream order, and ``load()`` decodes the item as
+    :meth:`ImageSource.load`.
     ``limit``: at most this many items, if known."""
 
     limit: int | None
@@ -93,6 +94,30 @@ class ImageFiles:
         return load_image(self.files[index]), None
 
 
+class AnnotatedImages:
+    """The source protocol for datasets of ``samples`` with an ``image`` path and an annotation:
+    subclasses say how to read the annotation at the image's size (:meth:`load_target`)."""
+
+    samples: list
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def name(self, index: int) -> str:
+        return str(self.samples[index].image)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return header_size(self.samples[index].image)
+
+    def load(self, index: int) -> tuple[Image.Image, Any]:
+        sample = self.samples[index]
+        image = load_image(sample.image)
+        return image, self.load_target(sample, image.size)
+
+    def load_target(self, sample, size: tuple[int, int]) -> Any:
+        raise NotImplementedError
+
+
 @dataclass
 class AugmentedViews:
     """``views`` items per image of a uint8 source: view 0 is the image itself, views 1… are random
@@ -126,25 +151,27 @@ class TarShards:
     """Webdataset-style tar shards (``KEY.jpg`` + ``KEY.cls`` …, ``.tar`` or ``.tar.gz``) streamed
     without extracting; the target is ``None``. Readers split whole shards round-robin when there
     are at least as many shards as readers and no ``limit``; otherwise every reader walks the
-    stream (up to ``limit`` samples) and decodes every ``readers``-th sample."""
+    stream (up to ``limit`` samples) and decodes every ``readers``-th sample. A sample's index is
+    ``shard number · 2³² + its position in the shard``."""
 
     shards: Sequence[Path]
     limit: int | None = None
 
     def stream(self, reader: int, readers: int) -> Iterator[tuple[int, str, Loader]]:
         by_shard = self.limit is None and len(self.shards) >= readers
-        shards = self.shards[reader::readers] if by_shard else self.shards
+        numbers = range(reader, len(self.shards), readers) if by_shard else range(len(self.shards))
         position = 0
-        for shard in shards:
-            problems: list[str] = []
-            for key, parts in _read_shard(Path(shard), problems):
+        for number in numbers:
+            shard, problems = Path(self.shards[number]), []
+            for offset, (key, parts) in enumerate(_read_shard(shard, problems)):
                 if self.limit is not None and position >= self.limit:
                     return
                 if by_shard or position % readers == reader:
-                    yield position, f"{Path(shard).name}:{key}", _sample_loader(parts, f"{Path(shard).name}:{key}")
+                    name = f"{shard.name}:{key}"
+                    yield (number << 32) + offset, name, _sample_loader(parts, name)
                 position += 1
             for problem in problems:
-                yield -1, str(shard), _failing_loader(ImageReadError(f"shard {problem}"))
+                yield ((number + 1) << 32) - 1, str(shard), _failing_loader(ImageReadError(f"shard {problem}"))
 
 
 def _sample_loader(parts: dict[str, bytes], name: str) -> Loader:
