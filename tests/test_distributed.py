@@ -21,6 +21,7 @@ from soapvit.data.segmentation import SegmentationSplit
 from soapvit.eval.knnseg import KnnConfig, evaluate_knnseg
 from soapvit.eval.salient import TokenCutConfig, evaluate_tokencut
 from soapvit.fitting import fit
+from soapvit.resume import FitState, align_stages
 from soapvit.soap import SoapHead
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "src", "soapvit", "assets", "sample_images")
@@ -63,11 +64,26 @@ def run_jobs(root):
     return head, tokencut, knn
 
 
+def aligned_resume_state(rank):
+    """A resume where rank 1 got past pass 1 (merged moments saved) and ranks 0 and 2 did not."""
+    state = FitState.fresh([0], (2, 2), 3, torch.device("cpu"))
+    state.moments[0].update(torch.full((4, 3), float(rank)) + torch.arange(4.0)[:, None])
+    state.real_steps, state.n_real = 5, 4
+    if rank == 1:
+        state.stage, state.real_steps = "responses", 2
+    aligned = align_stages(state)
+    return {"stage": aligned.stage, "steps": aligned.real_steps, "n_real": aligned.n_real,
+            "mean": aligned.moments[0].mean}
+
+
 def _worker(rank, world, root):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous-{world}", rank=rank, world_size=world)
     try:
         head, tokencut, knn = run_jobs(root)
+        aligned = aligned_resume_state(rank)
+        if rank == 2:
+            torch.save(aligned, root / "aligned.pt")
         if rank == 0:
             head.save(root / f"head-{world}.safetensors")
             (root / f"eval-{world}.json").write_text(json.dumps(
@@ -77,7 +93,7 @@ def _worker(rank, world, root):
         dist.destroy_process_group()
 
 
-def test_three_gloo_processes_fit_tokencut_and_knn_like_one(tmp_path):
+def test_three_gloo_processes_fit_tokencut_knn_and_resume_alignment_like_one(tmp_path):
     root = make_data(tmp_path)
     head, tokencut, knn = run_jobs(root)
     mp.spawn(_worker, args=(3, root), nprocs=3)
@@ -89,6 +105,9 @@ def test_three_gloo_processes_fit_tokencut_and_knn_like_one(tmp_path):
     assert sorted(map(str, got["skipped"])) == sorted(map(str, tokencut.skipped))
     assert got["examples"] == [e.stem for e in tokencut.examples]
     assert got["bank"] == knn.bank_size
+    aligned = torch.load(root / "aligned.pt")
+    assert aligned["stage"] == "responses" and aligned["steps"] == 0 and aligned["n_real"] == 4
+    torch.testing.assert_close(aligned["mean"], torch.full((3,), 2.5, dtype=torch.float64))  # rank 1's moments
     for variant, result in knn.results.items():
         assert got["knn"][variant]["miou"] == pytest.approx(result["miou"], abs=1e-6)
         assert got["knn"][variant]["per_class_iou"] == pytest.approx(result["per_class_iou"], abs=1e-6)

@@ -91,6 +91,12 @@ def all_gather_tensor(tensor: Tensor) -> list[Tensor]:
     return [p.to(tensor.device) for p in parts]
 
 
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    if active():
+        dist.barrier()
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """A picklable object of every rank, in rank order (tensors inside should be on the CPU)."""
     if not active():
