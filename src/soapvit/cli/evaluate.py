@@ -46,6 +46,7 @@ def tokencut_command(
     figure: Annotated[Path | None, typer.Option(help="Comparison figure (default with --head and --out: next to the JSON).")] = None,
 ) -> None:
     """TokenCut salient-object segmentation: maxFβ, IoU, accuracy (percent)."""
+    from .. import distributed
     from ..data.saliency import SaliencyDataset
     from ..eval.salient import TokenCutConfig, evaluate_tokencut
     from ..plots import plot_mask_comparison
@@ -75,7 +76,7 @@ def tokencut_command(
     write_json(out, result.to_dict())
     if figure is None and soap_head is not None and out is not None:
         figure = out.with_name(out.stem + "_masks.png")
-    if figure is not None and result.examples:
+    if figure is not None and result.examples and distributed.is_main():
         say(f"wrote {plot_mask_comparison(result.examples, figure)}")
 
 
