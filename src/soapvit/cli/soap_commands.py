@@ -59,6 +59,9 @@ def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, 
         raise SoapvitError(f"--image-size {image_size} gives fewer than 2x2 patches of {backbone.patch_size} px")
     backbone.resolve_blocks(block_selection)
     backbone.resolve_blocks(apply_block)
+    if pcs and max(pcs) > backbone.embed_dim:
+        raise SoapvitError(f"--remove {max(pcs)}: {model} has {backbone.embed_dim} components (PC1 to "
+                           f"PC{backbone.embed_dim})")
     with RichProgress() as progress:
         head, result = fit(backbone, source, synthetic=synthetic, generator=generator, blocks=block_selection,
                            apply_block=apply_block, image_size=image_size, batch_size=batch_size,
