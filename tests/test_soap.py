@@ -122,3 +122,14 @@ def test_head_load_rejects_bad_files(tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(SoapvitError, match="bad.safetensors"):
         SoapHead.load(bad)
+
+
+def test_components_without_variance_get_the_floor_si_and_are_never_removed():
+    from soapvit.soap import component_weights, without_degenerate
+
+    si = torch.tensor([0.2, 0.9, 0.8, 0.95], dtype=torch.float64)
+    eigenvalues = torch.tensor([5.0, 2.0, 1.0, 1e-12], dtype=torch.float64)  # the last: LayerNorm's null direction
+    kept = without_degenerate(si, eigenvalues)
+    assert kept.tolist() == [0.2, 0.9, 0.8, 1e-6]
+    weights = component_weights(kept, "reference", mu=2, tau=0.05)
+    assert weights[3] < 1e-5 and weights[1] > 0.89 and weights[2] > 0.79

@@ -63,6 +63,14 @@ def si_scores(real: ResponseCounts, synthetic: ResponseCounts, variant: str = "r
     return semantic_invariance(p.mean(dim=(0, 1)), q.mean(dim=(0, 1)), alpha, gamma)
 
 
+def without_degenerate(scores: Tensor, eigenvalues: Tensor, eps: float = 1e-6, relative: float = 1e-9) -> Tensor:
+    """SI set to ``eps`` for components without variance (eigenvalue ≤ ``relative`` × the largest):
+    e.g. the direction LayerNorm removes, whose response signs are rounding noise. Such a
+    component carries nothing to remove, so it must never rank among the noise components."""
+    degenerate = eigenvalues.to(scores.device) <= relative * eigenvalues.max()
+    return torch.where(degenerate, torch.full_like(scores, eps), scores)
+
+
 def descending_rank(scores: Tensor) -> Tensor:
     """0-indexed rank of each score in descending order (ties broken by index)."""
     order = torch.argsort(scores, descending=True, stable=True)
@@ -171,7 +179,8 @@ class SoapHead(nn.Module):
         """Score every block and build the head for ``apply_block``."""
         blocks = {}
         for b, s in stats.items():
-            si = si_scores(s.real, s.synthetic, config.variant, config.alpha, config.gamma)
+            si = without_degenerate(si_scores(s.real, s.synthetic, config.variant, config.alpha, config.gamma),
+                                    s.eigenvalues)
             weights = component_weights(si, config.weighting, config.mu, config.tau, config.remove, config.threshold)
             rule = RESPONSE_RULE[config.variant]
             blocks[b] = BlockDecomposition(

