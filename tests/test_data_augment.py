@@ -17,7 +17,8 @@ def test_full_crop_without_flip_is_identity_and_flip_mirrors():
 
 
 def test_colour_jitter_neutral_settings_and_brightness():
-    images = torch.rand(3, 3, 5, 5) * 0.5
+    # seeded and away from 0: the brightness ratio of near-black pixels is numerically unstable
+    images = 0.1 + 0.4 * torch.rand(3, 3, 5, 5, generator=torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(0)
     torch.testing.assert_close(color_jitter(images, gen, 0, 0, 0, 0, p=1.0), images, atol=1e-5, rtol=0)
     bright = color_jitter(images, gen, 0.5, 0, 0, 0, p=1.0)
