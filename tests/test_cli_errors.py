@@ -1,6 +1,8 @@
 """Nothing a user types may crash a run: every bad option is one line on stderr with exit code 2,
 checked before a model loads where it can be, and random option values never give a traceback."""
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -110,3 +112,14 @@ def test_random_fit_options_never_give_a_traceback(run_cli, images, tmp_path, li
     assert "Traceback" not in err and "bug" not in err
     if code == 2:
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_remove_numbers_components_as_inspect_prints_them(run_cli, images, tmp_path):
+    head = tmp_path / "manual.safetensors"
+    code, _, err = run_cli(fit_args(images, head, "--synthetic", "4", "--blocks", "last", "--remove", "3,5"))
+    assert code in (0, None), err
+    code, out, _ = run_cli(["inspect", str(head), "--json"])
+    weights = json.loads(out)["blocks"]["5"]["weights"]
+    assert [c + 1 for c, w in enumerate(weights) if w > 0] == [3, 5]  # PC3 and PC5, numbered from 1
+    code, out, _ = run_cli(["inspect", str(head)])
+    assert "PC3 " in out and "(w 1.00)" in out.split("PC3 ", 1)[1].split("PC4", 1)[0]

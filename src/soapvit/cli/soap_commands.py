@@ -152,7 +152,7 @@ def inspect_command(
         cells = " ".join(f"PC{c + 1} {s:.2f}" + (f" (w {w:.2f})" if w > 0.005 else "")
                          for c, (s, w) in enumerate(zip(d.si.tolist(), d.weights.tolist())))
         report.print(f"[bold]block {b}[/] SI and weight w (shown when > 0.005) by component: {escape(cells)}",
-                     highlight=False)
+                     highlight=False, soft_wrap=True)
 
 
 @app.command("plot")
