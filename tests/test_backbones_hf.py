@@ -157,3 +157,15 @@ def test_bad_sources_are_one_line_errors(tmp_path, make):
     assert "\n" not in message and str(folder) in message
     if make == "unsupported":
         assert "'bert' is not supported" in message
+
+
+def test_an_unreachable_hub_fails_fast_with_a_hint(monkeypatch):
+    import time
+
+    from soapvit.backbones import hf
+
+    monkeypatch.setattr(hf, "hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(SoapvitError, match="hub is not reachable.*local folder"):
+        hf.load_hf("soapvit-tests/no-such-model")
+    assert time.perf_counter() - start < 20  # no network retries

@@ -18,6 +18,7 @@ forward pass serves any set of blocks. Conventions:
 from __future__ import annotations
 
 import inspect
+import os
 import json
 import re
 from collections.abc import Sequence
@@ -77,6 +78,20 @@ def _key_projection(block: nn.Module) -> nn.Linear | None:
 def _edit_output(out, fn):
     """Apply ``fn`` to a block's hidden states, whether the block returns a tensor or a tuple."""
     return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub (``$HF_ENDPOINT`` or huggingface.co) opens within
+    ``timeout``: without it, loading uses the local cache only instead of retrying for minutes."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def num_prefix_tokens(config) -> int:
@@ -211,17 +226,24 @@ def load_hf(source: str, *, model_id: str | None = None) -> HFBackbone:
         source = str(folder)
     from transformers import AutoConfig, AutoModel
 
+    offline = not _looks_like_path(source) and (os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable())
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, local_files_only=offline)
         if config.model_type not in SUPPORTED:
             raise SoapvitError(
                 f"{model_id}: model type {config.model_type!r} is not supported ({', '.join(SUPPORTED)})"
             )
         extra = {"mask_ratio": 0.0} if config.model_type == "vit_mae" else {}
-        model = AutoModel.from_pretrained(source, **extra, **_attention_option(AutoModel, config))
+        model = AutoModel.from_pretrained(source, local_files_only=offline, **extra,
+                                          **_attention_option(AutoModel, config))
     except (OSError, ValueError, KeyError) as err:
         if isinstance(err, SoapvitError):
             raise
+        if offline:
+            raise SoapvitError(
+                f"cannot load {model_id}: the Hugging Face hub is not reachable (or HF_HUB_OFFLINE=1) and the model "
+                "is not in the local cache; download it where the hub is reachable, or pass a local folder "
+                "(hf:/path/to/model with config.json and weights)") from err
         message = str(err).strip()
         first = message.splitlines()[0] if message else type(err).__name__
         raise SoapvitError(f"cannot load {model_id}: {first}") from err
