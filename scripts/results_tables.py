@@ -26,7 +26,7 @@ MODELS = {  # file stem → label; MIM family first
     "mae": "zoo MAE (MIM, tiny)",
     "clip": "CLIP B/16 (non-MIM)",
 }
-# the authors' released code on the same backbone and images (METHODS.md §6): SI of the last
+# the authors' released code on the same backbone and images (the reference figures this project reproduces): SI of the last
 # block's components ≥ 0.75, by eigenvalue rank counted from 1
 AUTHORS_LAST_BLOCK = {8: 0.854, 6: 0.814, 5: 0.784}
 

@@ -1,4 +1,4 @@
-"""The layering rules of ARCHITECTURE.md, checked on the source."""
+"""The layering rules of the package (README "Layout"), checked on the source."""
 
 import ast
 import subprocess

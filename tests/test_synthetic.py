@@ -55,7 +55,7 @@ def test_pink_envelope_is_the_unit_std_pink_field_in_imagenet_pixel_range():
 
 
 def test_modulated_noise_amplitude_at_224_px():
-    """METHODS.md §1: envelope mean ≈ 0.47 and product std ≈ 0.53 (red channel; the reference
+    """The authors' generator: envelope mean ≈ 0.47 and product std ≈ 0.53 (red channel; the reference
     below gives 0.486 / 0.534 for it, 0.451 / 0.502 averaged over channels)."""
     envelope = torch.cat([pink_envelope(32, 224, _seeded(s)) for s in range(4)])
     product = torch.cat([modulated_noise(32, 224, _seeded(10 + s)) for s in range(4)])

@@ -1,6 +1,6 @@
 """SOAP: semantic-invariance scores, component weights, the projector ``I − V W Vᵀ`` and the head.
 
-Plain tensors in, plain tensors out (METHODS.md §1, formulas 4–6). Two variants:
+Plain tensors in, plain tensors out (Hjelkrem-Tan et al., CVPR 2026: SI score, weights, projector). Two variants:
 
 - ``reference`` (default, the authors' code): centred strict responses, SI per patch position
   averaged over positions, ``w = s · σ((μ − 0.5 − r) / τ)`` with 0-indexed rank ``r``;

@@ -1,4 +1,4 @@
-"""Pooling heads on frozen ViT tokens and the probe classifier behind them (METHODS.md §4).
+"""Pooling heads on frozen ViT tokens and the probe classifier behind them (Beyond [cls], gmum/beyond_cls: AbMILP pooling).
 
 Every pool maps ``(prefix (B, P, D), patches (B, N, D))`` to ``(pooled (B, D), weights (B, N) or
 None)``: :class:`ClsPool` takes the CLS token, :class:`MeanPool` averages the patches,

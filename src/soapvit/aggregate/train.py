@@ -1,7 +1,7 @@
 """Training probe heads on cached tokens: LARS (the MAE linear-probe recipe) or AdamW, warm-up
 then cosine learning rate, top-1/top-5 accuracy; and a weighted kNN classifier.
 
-MAE recipe (METHODS.md §4): LARS, 90 epochs, base lr 0.1 scaled by ``batch / 256`` at batch
+MAE linear-probe recipe (He et al., CVPR 2022): LARS, 90 epochs, base lr 0.1 scaled by ``batch / 256`` at batch
 16384 (peak 6.4), 10 warm-up epochs, weight decay 0. LARS steps are relative to each layer's
 norm (``lr · η`` per step), so the peak rate 6.4 is kept at our much smaller batches rather than
 rescaled (rescaled to batch 256 it would be 0.1, and on a few thousand images the head barely

@@ -1,4 +1,5 @@
-"""Synthetic images without semantic content (METHODS.md §1), generated on the device in batches.
+"""Synthetic images without semantic content, generated on the device in batches, after the SOAP
+authors' reference generator (dsb-ifi/soap, ``synthesize_mixture``).
 
 Every generator works in ImageNet-normalised space, as the SOAP reference does, and the result
 is re-normalised to the target backbone's mean/std when those differ. A :class:`SyntheticImages`

@@ -1,6 +1,6 @@
 """Dataset metrics: salient-object (TokenCut's definitions) and semantic segmentation.
 
-Salient (METHODS.md §2): predictions are 8-bit maps ``q ∈ {0..255}`` (a binary mask is 0/255;
+Salient (as TokenCut defines them, Wang et al., CVPR 2022): predictions are 8-bit maps ``q ∈ {0..255}`` (a binary mask is 0/255;
 a soft map is ``round(255·clip(p, 0, 1))``), so the metric sees exactly what is saved as PNG.
 Ground truth: any non-zero pixel is foreground.
 

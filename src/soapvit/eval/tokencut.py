@@ -3,7 +3,7 @@
 For patch features ``f`` (L2-normalised): ``A = 1[cos > τ]`` with zeros replaced by ``eps``,
 ``D = diag(A·1)``; ``x`` = second-smallest generalised eigenvector of ``(D − A) x = λ D x``;
 foreground = ``x > mean(x)`` oriented so that the seed ``argmax |x|`` is foreground; the mask is
-the seed's 4-connected component. (METHODS.md §2.)
+the seed's 4-connected component. (TokenCut, Wang et al., CVPR 2022.)
 
 Two solvers give the same masks:
 
