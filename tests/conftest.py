@@ -18,3 +18,13 @@ def run_cli(capsys):
         return exit_info.value.code, out, err
 
     return run
+
+
+def write_noise_images(folder, n=6, size=(16, 16)):
+    """``n`` RGB noise images of ``size`` (different noise levels) in a new ``folder``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.effect_noise(size, 30 + 10 * i).convert("RGB").save(folder / f"{i}.png")
+    return folder

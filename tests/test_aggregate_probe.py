@@ -7,6 +7,7 @@ import tarfile
 import pytest
 import torch
 from PIL import Image
+from conftest import write_noise_images
 from toy_backbone import ToyBackbone
 
 from soapvit.aggregate import AbMILPConfig, ProbeConfig, run_probe
@@ -101,12 +102,9 @@ def test_views_are_image_major_and_view_zero_is_plain(tmp_path):
 
 def toy_backbone_and_head(tmp_path):
     """The toy backbone and a SOAP head fitted for it on six noise images."""
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(6):
-        Image.effect_noise((16, 16), 40 + 10 * i).convert("RGB").save(folder / f"{i}.png")
     backbone = ToyBackbone()
-    head, _ = fit(backbone, folder, synthetic=6, device="cpu", blocks="all", image_size=16)
+    head, _ = fit(backbone, write_noise_images(tmp_path / "imgs"), synthetic=6, device="cpu", blocks="all",
+                  image_size=16)
     return backbone, head
 
 

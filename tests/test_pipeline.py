@@ -5,6 +5,7 @@ against a hand-written block-by-block forward in probes, TokenCut and kNN segmen
 import numpy as np
 import pytest
 import torch
+from conftest import write_noise_images
 from eval_helpers import make_head, saliency_folder
 from PIL import Image
 from test_eval_knnseg import seg_folder
@@ -152,10 +153,7 @@ def test_positional_baseline_subtracts_the_measured_offset_and_is_scored(tmp_pat
     from soapvit.features import subtract_position
     from soapvit.fitting import fit
 
-    images = tmp_path / "imgs"
-    images.mkdir()
-    for i in range(6):
-        Image.effect_noise((20, 16), 30 + 10 * i).convert("RGB").save(images / f"{i}.png")
+    images = write_noise_images(tmp_path / "imgs", size=(20, 16))
     backbone = ThreeBlocks()
     head, _ = fit(backbone, images, synthetic=6, device="cpu", blocks="all", image_size=16)
     d = head.blocks[2]
