@@ -127,7 +127,7 @@ def render(text: str) -> str:
     def replace(match: re.Match) -> str:
         return f"{match.group(1)}\n{TABLES[match.group(2)]()}\n{match.group(3)}"
 
-    return re.sub(r"(<!-- table:([\w-]+) -->)\n.*?\n(<!-- /table -->)", replace, text, flags=re.S)
+    return re.sub(r"(<!-- table:([\w-]+) -->)\n(?:[^<]*?\n)?(<!-- /table -->)", replace, text)
 
 
 def main() -> None:
