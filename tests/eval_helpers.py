@@ -1,39 +1,13 @@
-"""Fixtures for the evaluation tests: a colour-driven Backbone for any image size, saliency and
-segmentation folders with the usual defects, and a SOAP head built from a given projector."""
+"""Helpers for the evaluation tests: saliency folders with the usual defects and a SOAP head
+built from a given projector (the toy backbones live in conftest.py)."""
 
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
-from soapvit.backbones.base import Backbone, RawOutput
 from soapvit.soap import BlockDecomposition, SoapHead
-
-
-class ColourBackbone(Backbone):
-    """Patch tokens = a fixed random map of the patch's mean colour (plus a weak position term):
-    objects of another colour than the background separate cleanly. Any grid size."""
-
-    def __init__(self, dim: int = 12, patch: int = 4, seed: int = 0):
-        super().__init__("toy:colour", patch_size=patch, embed_dim=dim, num_blocks=2, num_heads=1,
-                         num_prefix_tokens=1, image_size=8 * patch)
-        g = torch.Generator().manual_seed(seed)
-        self.colour = nn.Parameter(torch.randn(3, dim, generator=g))
-        self.key = nn.Parameter(torch.randn(dim, dim, generator=g) / dim**0.5)
-        self.pos = nn.Parameter(torch.randn(2, dim, generator=g) * 0.05)
-
-    def _run(self, pixels, blocks, norm, keys, attentions, edits):
-        b, _, h, w = pixels.shape
-        p = self.patch_size
-        mean = nn.functional.avg_pool2d(pixels, p).flatten(2).transpose(1, 2)  # (B, N, 3)
-        gy, gx = torch.meshgrid(torch.linspace(-1, 1, h // p), torch.linspace(-1, 1, w // p), indexing="ij")
-        pos = torch.stack([gy, gx], -1).reshape(-1, 2) @ self.pos
-        x = torch.tanh(mean @ self.colour) + pos
-        x = torch.cat([x.mean(1, keepdim=True), x], 1)
-        hidden = {blk: x for blk in blocks}
-        return RawOutput(hidden=hidden, keys=x @ self.key if keys else None)
 
 
 def make_head(projector: torch.Tensor, apply_block: int = 1) -> SoapHead:

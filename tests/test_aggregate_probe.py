@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from conftest import write_noise_images
-from toy_backbone import ToyBackbone
+from conftest import ToyBackbone
 
 from soapvit.aggregate import AbMILPConfig, ProbeConfig, run_probe
 from soapvit.aggregate.attention import attention_profile, cls_attention_statistics
@@ -67,8 +67,8 @@ def test_lars_cls_probe_reaches_95_percent_on_separable_toy_set():
     assert score.history[-1] < score.history[0]
 
 
-def test_cache_matches_direct_encoding_is_reused_and_resumes(tmp_path):
-    backbone = ToyBackbone()
+def test_cache_matches_direct_encoding_is_reused_and_resumes(toy_backbone, tmp_path):
+    backbone = toy_backbone
     data = toy_images(10, 2)
     cache = encode_images(backbone, data, image_size=16, cache_dir=tmp_path, part_size=4, batch_size=3)["original"]
     pixels = torch.stack([ImageTransform.for_backbone(backbone, 16)(image) for image in data.images])
@@ -90,8 +90,8 @@ def test_cache_matches_direct_encoding_is_reused_and_resumes(tmp_path):
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
 
 
-def test_views_are_image_major_and_view_zero_is_plain(tmp_path):
-    backbone = ToyBackbone()
+def test_views_are_image_major_and_view_zero_is_plain(toy_backbone, tmp_path):
+    backbone = toy_backbone
     data = toy_images(5, 2)
     plain = encode_images(backbone, data, image_size=16)["original"]
     viewed = encode_images(backbone, data, image_size=16, views=3, seed=1)["original"]

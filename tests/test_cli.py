@@ -4,7 +4,7 @@ import json
 
 import pytest
 from PIL import Image
-from toy_backbone import ToyBackbone
+from conftest import ToyBackbone
 
 from soapvit.fitting import fit
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from eval_helpers import ColourBackbone, make_head, saliency_folder
+from conftest import ColourBackbone
+from eval_helpers import make_head, saliency_folder
 from PIL import Image
 from test_eval_knnseg import seg_folder
-from toy_backbone import ToyBackbone
+from conftest import ToyBackbone
 
 from soapvit import distributed
 from soapvit.data.saliency import SaliencyDataset

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from eval_helpers import ColourBackbone, make_head
+from conftest import ColourBackbone
+from eval_helpers import make_head
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -74,8 +75,8 @@ def test_folder_layout_counts_classes(splits):
     assert split.layout == "folder" and split.num_classes == 3 and split.ignore_index == 255
 
 
-def test_knnseg_end_to_end_and_bank_cap(splits):
-    backbone = ColourBackbone().eval()
+def test_knnseg_end_to_end_and_bank_cap(colour_backbone, splits):
+    backbone = colour_backbone
     train, val = SegmentationSplit.open(splits[0]), SegmentationSplit.open(splits[1], what="--val")
     report = evaluate_knnseg(backbone, train, val, head=make_head(torch.eye(12)),
                              config=KnnConfig(k=5, image_size=32, memory_mb=0.01))

@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from eval_helpers import ColourBackbone, make_head, saliency_folder
+from conftest import ColourBackbone
+from eval_helpers import make_head, saliency_folder
 from PIL import Image
 
 from soapvit.backbones.registry import register_source
@@ -66,8 +67,8 @@ def test_no_mask_folder_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("bilateral", [False, True])
-def test_metrics_equal_recomputation_from_saved_masks(folder, tmp_path, bilateral):
-    backbone = ColourBackbone().eval()
+def test_metrics_equal_recomputation_from_saved_masks(colour_backbone, folder, tmp_path, bilateral):
+    backbone = colour_backbone
     ds = SaliencyDataset.from_folders(folder / "images", folder / "masks")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every problem must be reported, not warned mid-run
@@ -90,8 +91,8 @@ def test_metrics_equal_recomputation_from_saved_masks(folder, tmp_path, bilatera
         assert len(np.unique(saved)) > 2  # the solver's soft output is what is scored and saved
 
 
-def test_soap_head_shares_the_pass_and_identity_head_changes_nothing(folder, tmp_path):
-    backbone = ColourBackbone().eval()
+def test_soap_head_shares_the_pass_and_identity_head_changes_nothing(colour_backbone, folder, tmp_path):
+    backbone = colour_backbone
     ds = SaliencyDataset.from_folders(folder / "images", folder / "masks")
     identity = make_head(torch.eye(12))
     report = evaluate_tokencut(backbone, ds, head=identity, config=TokenCutConfig(tau=0.2), save_masks=tmp_path)

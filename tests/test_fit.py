@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from toy_backbone import ToyBackbone
+from conftest import ToyBackbone
 
 from soapvit.data.transforms import ImageTransform
 from soapvit.data.synthetic import SyntheticImages
@@ -39,8 +39,8 @@ def _tokens(backbone, batches, block):
 
 
 @pytest.mark.parametrize("variant", ["reference", "paper"])
-def test_fit_matches_numpy_recomputation(image_folder, variant):
-    backbone = ToyBackbone()
+def test_fit_matches_numpy_recomputation(toy_backbone, image_folder, variant):
+    backbone = toy_backbone
     head, report = fit(backbone, image_folder, synthetic=17, batch_size=5, device="cpu", seed=3,
                        config=SoapConfig(variant=variant), blocks="all")
     assert report.n_real == 23 and report.n_synthetic == 17
@@ -90,8 +90,8 @@ def test_fit_matches_numpy_recomputation(image_folder, variant):
             np.testing.assert_allclose(head.projector.double().numpy(), proj, atol=1e-6)
 
 
-def test_fit_without_cache_gives_the_same_head(image_folder):
-    backbone = ToyBackbone()
+def test_fit_without_cache_gives_the_same_head(toy_backbone, image_folder):
+    backbone = toy_backbone
     cached, r1 = fit(backbone, image_folder, synthetic=8, batch_size=4, device="cpu", blocks="last")
     uncached, r2 = fit(backbone, image_folder, synthetic=8, batch_size=4, device="cpu", blocks="last", cache_gb=0)
     assert r1.cached and not r2.cached

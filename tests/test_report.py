@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from toy_backbone import ToyBackbone
+from conftest import ToyBackbone
 
 from soapvit.errors import SoapvitError
 from soapvit.fitting import fit

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from test_distributed import ASSETS, assert_same_head
-from toy_backbone import ToyBackbone
+from conftest import ToyBackbone
 
 from soapvit.errors import SoapvitError
 from soapvit.fitting import fit

@@ -6,7 +6,7 @@ import tarfile
 import pytest
 import torch
 from PIL import Image
-from toy_backbone import ToyBackbone
+from conftest import ToyBackbone
 
 from soapvit.data.images import DataFolderError
 from soapvit.data.sources import ImageFiles, TarShards, expand_braces, open_images
