@@ -66,18 +66,25 @@ def top_components(head: SoapHead, count: int = 4, block: int | None = None) -> 
     return torch.argsort(si, descending=True)[:count].tolist()
 
 
-def plot_response_maps(head: SoapHead, path: Path, count: int = 4) -> Path:
-    """For the top-SI components: response probability per patch position on real (P) and
-    synthetic (Q) images. Position-coding components show the same spatial pattern in both."""
+def response_maps_figure(head: SoapHead, components: Sequence[int]):
+    """Response probability per patch position of each of ``components`` (one column each) on
+    real (P, top row) and synthetic (Q, bottom row) images at the head's block."""
     d = head.blocks[head.apply_block]
-    comps = top_components(head, count)
-    fig, axes = plt.subplots(2, len(comps), figsize=(2.6 * len(comps), 5.2), squeeze=False)
-    for j, c in enumerate(comps):
+    fig, axes = plt.subplots(2, len(components), figsize=(2.4 * len(components), 4.8), squeeze=False)
+    for j, c in enumerate(components):
         for i, (maps, name) in enumerate(((d.p_real, "real P"), (d.q_synthetic, "synthetic Q"))):
             ax = axes[i, j]
             ax.imshow(maps[..., c].numpy(), vmin=0, vmax=1, cmap="viridis")
             ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"PC{c + 1} {name}\nSI {d.si[c]:.3f}" if i == 0 else name, fontsize=8)
+            title = f"PC{c + 1} SI {d.si[c]:.3f} w {d.weights[c]:.2f}\n{name}" if i == 0 else name
+            ax.set_title(title, fontsize=8)
+    return fig
+
+
+def plot_response_maps(head: SoapHead, path: Path, count: int = 4) -> Path:
+    """For the top-SI components: response probability per patch position on real (P) and
+    synthetic (Q) images. Position-coding components show the same spatial pattern in both."""
+    fig = response_maps_figure(head, top_components(head, count))
     fig.suptitle(f"response maps, block {head.apply_block}", fontsize=10)
     return _save(fig, path)
 

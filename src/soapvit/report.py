@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import SoapvitError
-from .plots import SI_THRESHOLD, plot_max_si_per_block, render_head_figures
+from .plots import SI_THRESHOLD, plot_max_si_per_block, render_head_figures, response_maps_figure
 from .soap import SoapHead
 
 #: Section headings of every head's part of the page, in order.
@@ -151,15 +151,7 @@ def position_share_map(head: SoapHead, count: int = 24) -> str:
 def removed_response_maps(head: SoapHead, components: Sequence[int]) -> str:
     """For each removed component: response probability per position on real (P) and on
     synthetic (Q) images."""
-    d = head.blocks[head.apply_block]
-    fig, axes = plt.subplots(2, len(components), figsize=(2.3 * len(components), 4.6), squeeze=False)
-    for j, c in enumerate(components):
-        for i, (maps, name) in enumerate(((d.p_real, "real P"), (d.q_synthetic, "synthetic Q"))):
-            ax = axes[i, j]
-            ax.imshow(maps[..., c].numpy(), vmin=0, vmax=1, cmap="viridis")
-            ax.set_xticks([]), ax.set_yticks([])
-            title = f"PC{c + 1} SI {d.si[c]:.3f} w {d.weights[c]:.2f}\n{name}" if i == 0 else name
-            ax.set_title(title, fontsize=8)
+    fig = response_maps_figure(head, components)
     return _figure_uri(fig)
 
 
