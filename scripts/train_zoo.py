@@ -101,6 +101,7 @@ def analyse_zoo(data: Path, images: Path, out: Path, names: list[str], work: Pat
     ``figures/zoo_*.png`` (MIM models solid, the others dashed) and returns (and stores in
     ``work/analysis.json``) the numbers."""
     from soapvit.data.transforms import normalize
+    from soapvit.corrections.soap import high_si
     from soapvit.fitting import fit
     from soapvit.plots import plot_max_si_per_block, plot_si_curves
     from soapvit.pretrain.analysis import mean_attention_distance, query_attention
@@ -109,7 +110,7 @@ def analyse_zoo(data: Path, images: Path, out: Path, names: list[str], work: Pat
     heads, results = {}, {}
     for name in names:
         backbone = VisionTransformerBackbone.from_checkpoint(out / f"{name}.safetensors", f"zoo:{name}")
-        head, _ = fit(backbone, images, image_size=backbone.image_size, blocks="all", batch_size=64, num_workers=0)
+        head = fit(backbone, images, image_size=backbone.image_size, blocks="all", batch_size=64, num_workers=0)[0].soap
         head.save(work / f"soap-{name}.safetensors")
         heads[name] = head
         pixels = normalize(val.float() / 255, backbone.image_mean, backbone.image_std)
@@ -117,7 +118,7 @@ def analyse_zoo(data: Path, images: Path, out: Path, names: list[str], work: Pat
         last = head.blocks[max(head.blocks)]
         results[name] = {
             "max_si_per_block": [round(float(head.blocks[b].si.max()), 4) for b in sorted(head.blocks)],
-            "last_block_si_ge_075": int((last.si >= 0.75).sum()),
+            "last_block_si_ge_075": high_si(last.si).numel(),
             "last_block_top_si": [round(float(v), 3) for v in last.si.sort(descending=True).values[:3]],
             "attention_distance_px": distance.round(decimals=2).tolist(),
             "query_map_last_block": query_attention(backbone, pixels, -1, (3, 3)).mean(0).round(decimals=4).tolist(),

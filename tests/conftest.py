@@ -98,3 +98,11 @@ def write_noise_images(folder, n=6, size=(16, 16)):
     for i in range(n):
         Image.effect_noise(size, 30 + 10 * i).convert("RGB").save(folder / f"{i}.png")
     return folder
+
+
+def fit_soap(*args, **kwargs):
+    """``soapvit.fitting.fit`` returning the SOAP head of the fitted corrections and the report."""
+    from soapvit.fitting import fit
+
+    corrections, report = fit(*args, **kwargs)
+    return corrections.soap, report

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from soapvit.soap import BlockDecomposition, SoapHead
+from soapvit.corrections.soap import BlockDecomposition, SoapHead
 
 
 def make_head(projector: torch.Tensor, apply_block: int = 1) -> SoapHead:

@@ -12,7 +12,7 @@ from conftest import ToyBackbone
 
 from soapvit.aggregate import AbMILPConfig, ProbeConfig, run_probe
 from soapvit.aggregate.attention import attention_profile, cls_attention_statistics
-from soapvit.aggregate.cache import TokenCache, encode_images, soap_corrected
+from soapvit.aggregate.cache import TokenCache, corrected, encode_images
 from soapvit.aggregate.heads import ProbeClassifier, make_pool
 from soapvit.aggregate.train import train_probe
 from soapvit.backbones.registry import register_source
@@ -21,8 +21,8 @@ from soapvit.data.labelled import LabelledImages, load_labelled
 from soapvit.data.transforms import ImageTransform
 from soapvit.errors import SoapvitError
 from soapvit.features import encode
-from soapvit.fitting import fit
-from soapvit.soap import attach
+from conftest import fit_soap
+from soapvit.corrections import attach
 
 
 def toy_images(n, classes, size=16, seed=0):
@@ -103,7 +103,7 @@ def test_views_are_image_major_and_view_zero_is_plain(toy_backbone, tmp_path):
 def toy_backbone_and_head(tmp_path):
     """The toy backbone and a SOAP head fitted for it on six noise images."""
     backbone = ToyBackbone()
-    head, _ = fit(backbone, write_noise_images(tmp_path / "imgs"), synthetic=6, device="cpu", blocks="all",
+    head, _ = fit_soap(backbone, write_noise_images(tmp_path / "imgs"), synthetic=6, device="cpu", blocks="all",
                   image_size=16)
     return backbone, head
 
@@ -111,8 +111,8 @@ def toy_backbone_and_head(tmp_path):
 def test_soap_on_cached_tokens_equals_the_attached_backbone(tmp_path):
     backbone, head = toy_backbone_and_head(tmp_path)
     data = toy_images(6, 2)
-    caches = encode_images(backbone, data, image_size=16, head=head)
-    shortcut = soap_corrected(caches["original"], head)
+    caches = encode_images(backbone, data, image_size=16, corrections={"soap": head})
+    shortcut = corrected(caches["original"], head)
     direct = encode_images(attach(backbone, head), data, image_size=16)["original"]
     assert torch.equal(caches["soap"].patches, shortcut.patches)
     torch.testing.assert_close(shortcut.patches.float(), direct.patches.float(), atol=2e-2, rtol=1e-2)
@@ -155,7 +155,7 @@ def test_run_probe_linear_knn_and_soap_on_a_toy_backbone(tmp_path):
     backbone, head = toy_backbone_and_head(tmp_path)
     train, val = toy_images(24, 3, seed=0), toy_images(12, 3, seed=1)
     config = ProbeConfig(epochs=2, batch_size=8, warmup_epochs=1)
-    run = run_probe(backbone, train, val, head=head, config=config, cache_dir=tmp_path / "cache",
+    run = run_probe(backbone, train, val, corrections={"soap": head}, config=config, cache_dir=tmp_path / "cache",
                     abmilp=AbMILPConfig(conditioning="pe"))
     assert [(r.pool, r.tokens) for r in run.rows()] == [
         (p, t) for t in ("original", "soap") for p in ("cls", "mean", "abmilp")]

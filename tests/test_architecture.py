@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "soapvit"
-CORE = ("backbones", "data", "stats.py", "soap.py", "features.py", "fitting.py", "safetensors_io.py", "errors.py",
+CORE = ("backbones", "data", "stats.py", "corrections", "features.py", "fitting.py", "safetensors_io.py", "errors.py",
         "schedule.py", "distributed.py", "resume.py")
 ENTRY_POINTS = ("cli", "__main__.py")  # python -m soapvit runs the CLI
 UPPER = ("eval", "pretrain", "aggregate", "cli")
@@ -42,6 +42,22 @@ def test_nothing_imports_the_cli_and_core_never_imports_upper_layers():
             assert not bad, f"{rel} (core) imports {bad}"
 
 
+def test_the_pipeline_knows_the_correction_protocol_not_a_correction():
+    imports = imported_modules(PACKAGE / "features.py")
+    assert not [n for n in imports if n.startswith("soapvit.corrections")], imports
+
+
+def test_the_head_rule_and_the_backbone_check_are_written_once():
+    """One ``def check_backbone`` (corrections/base.py; CorrectionSet's method only delegates) and
+    one class that puts a correction into the forward pass."""
+    sources = {p: p.read_text() for p in PACKAGE.rglob("*.py")}
+    checks = [p.relative_to(PACKAGE).as_posix() for p, s in sources.items() if "def check_backbone(" in s]
+    assert sorted(checks) == ["corrections/base.py", "corrections/file.py"]
+    assert "check_backbone(self.metadata" in sources[PACKAGE / "corrections" / "file.py"]
+    rules = [p.relative_to(PACKAGE).as_posix() for p, s in sources.items() if "{**edits," in s]
+    assert rules == ["corrections/base.py"]
+
+
 def test_pretraining_sits_below_the_evaluations():
     """Probes, SOAP fits and figures of trained models belong to scripts, not to soapvit.pretrain."""
     for path in (PACKAGE / "pretrain").rglob("*.py"):
@@ -51,7 +67,7 @@ def test_pretraining_sits_below_the_evaluations():
 
 def test_import_soapvit_loads_no_heavy_optional_library():
     code = (
-        "import sys, soapvit, soapvit.backbones, soapvit.soap, soapvit.fitting, soapvit.cli;"
+        "import sys, soapvit, soapvit.backbones, soapvit.corrections.soap, soapvit.fitting, soapvit.cli;"
         "heavy = [m for m in ('transformers', 'timm', 'onnx', 'onnxruntime', 'torchvision') if m in sys.modules];"
         "print(heavy)"
     )

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from conftest import ToyBackbone
 
-from soapvit.fitting import fit
+from conftest import fit_soap
 
 
 def test_missing_and_empty_folders_and_bad_model_give_one_line(tmp_path, run_cli):
@@ -33,7 +33,7 @@ def test_inspect_json_reports_every_block_in_eigenvalue_order(tmp_path, run_cli)
     folder.mkdir()
     for i in range(6):
         Image.effect_noise((20, 20), 40 + 10 * i).convert("RGB").save(folder / f"{i}.png")
-    head, _ = fit(ToyBackbone(blocks=3), folder, synthetic=6, device="cpu", blocks="all")
+    head, _ = fit_soap(ToyBackbone(blocks=3), folder, synthetic=6, device="cpu", blocks="all")
     path = head.save(tmp_path / "head.safetensors")
     code, out, _ = run_cli(["inspect", str(path), "--json"])
     assert code in (0, None)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from eval_helpers import saliency_folder
 from PIL import Image
 
 
@@ -82,13 +83,37 @@ def test_a_head_refuses_another_backbone_unless_allowed(run_cli, images, tmp_pat
     head = tmp_path / "mae.safetensors"
     assert run_cli(fit_args(images, head, "--synthetic", "4", "--blocks", "last"))[0] in (0, None)
     from soapvit.backbones import load
-    from soapvit.soap import SoapHead
+    from soapvit.corrections import CorrectionSet
 
-    fitted = SoapHead.load(head)
+    fitted = CorrectionSet.load(head)
     fitted.check_backbone(load("zoo:mae"))
     with pytest.raises(Exception, match="fitted for zoo:mae, not zoo:dino"):
         fitted.check_backbone(load("zoo:dino"))
     fitted.check_backbone(load("zoo:dino"), allow_other=True)
+
+
+def test_allow_other_backbone_works_for_a_head_at_an_earlier_block(run_cli, images, tmp_path):
+    head = tmp_path / "mae.safetensors"
+    assert run_cli(fit_args(images, head, "--synthetic", "4", "--blocks", "all", "--apply-block", "2"))[0] in (0, None)
+    saliency = saliency_folder(tmp_path / "sal", n=3)
+    args = ["eval", "tokencut", "--model", "zoo:maskfeat", "--images", str(saliency / "images"), "--head", str(head),
+            "--out", str(tmp_path / "r.json")]
+    code, _, err = run_cli(args)
+    assert code == 2 and "fitted for zoo:mae, not zoo:maskfeat" in err
+    code, _, err = run_cli([*args, "--allow-other-backbone"])
+    assert code in (0, None), err
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert payload["passes"]["soap"] == "own pass" and set(payload["intervals"]) == {"soap", "posmean"}
+
+
+def test_a_branch_head_is_refused_for_applying(run_cli, images, tmp_path):
+    head = tmp_path / "branch.safetensors"
+    assert run_cli(fit_args(images, head, "--synthetic", "4", "--blocks", "last", "--block-features", "branch"))[0] in (0, None)
+    saliency = saliency_folder(tmp_path / "sal", n=3)
+    code, _, err = run_cli(["eval", "tokencut", "--model", "zoo:mae", "--images", str(saliency / "images"),
+                            "--head", str(head)])
+    assert code == 2 and "block-features branch" in err and "diagnosis, not for applying" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -21,9 +21,9 @@ from soapvit.data.saliency import SaliencyDataset
 from soapvit.data.segmentation import SegmentationSplit
 from soapvit.eval.knnseg import KnnConfig, evaluate_knnseg
 from soapvit.eval.salient import TokenCutConfig, evaluate_tokencut
-from soapvit.fitting import fit
+from conftest import fit_soap
 from soapvit.resume import FitState, align_stages
-from soapvit.soap import SoapHead
+from soapvit.corrections.soap import SoapHead
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "src", "soapvit", "assets", "sample_images")
 
@@ -54,10 +54,10 @@ def make_data(root):
 
 def run_jobs(root):
     """Fit (7 real images in batches of 2, 5 synthetic), TokenCut with a head, kNN segmentation."""
-    head, _ = fit(ToyBackbone(blocks=2), root / "real", synthetic=5, batch_size=2, device="cpu", blocks="all")
+    head, _ = fit_soap(ToyBackbone(blocks=2), root / "real", synthetic=5, batch_size=2, device="cpu", blocks="all")
     colour = ColourBackbone()
     tokencut = evaluate_tokencut(colour, SaliencyDataset.from_folders(root / "ecssd" / "images"),
-                                 head=make_head(torch.diag(torch.linspace(0, 1, 12))),
+                                 corrections={"soap": make_head(torch.diag(torch.linspace(0, 1, 12)))},
                                  config=TokenCutConfig(batch_size=2, solver="eigh"))
     knn = evaluate_knnseg(colour, SegmentationSplit.open(root / "seg" / "train"),
                           SegmentationSplit.open(root / "seg" / "val", what="--val"),
@@ -89,6 +89,7 @@ def _worker(rank, world, root):
             head.save(root / f"head-{world}.safetensors")
             (root / f"eval-{world}.json").write_text(json.dumps(
                 {"tokencut": tokencut.results, "knn": knn.results, "skipped": tokencut.skipped,
+                 "intervals": tokencut.intervals, "per_image": tokencut.per_image,
                  "examples": [e.stem for e in tokencut.examples], "bank": knn.bank_size}))
     finally:
         dist.destroy_process_group()
@@ -106,6 +107,7 @@ def test_three_gloo_processes_fit_tokencut_knn_and_resume_alignment_like_one(tmp
     assert sorted(map(str, got["skipped"])) == sorted(map(str, tokencut.skipped))
     assert got["examples"] == [e.stem for e in tokencut.examples]
     assert got["bank"] == knn.bank_size
+    assert got["per_image"] == tokencut.per_image and got["intervals"] == tokencut.intervals
     aligned = torch.load(root / "aligned.pt")
     assert aligned["stage"] == "responses" and aligned["steps"] == 0 and aligned["n_real"] == 4
     torch.testing.assert_close(aligned["mean"], torch.full((3,), 2.5, dtype=torch.float64))  # rank 1's moments

@@ -78,10 +78,12 @@ def test_folder_layout_counts_classes(splits):
 def test_knnseg_end_to_end_and_bank_cap(colour_backbone, splits):
     backbone = colour_backbone
     train, val = SegmentationSplit.open(splits[0]), SegmentationSplit.open(splits[1], what="--val")
-    report = evaluate_knnseg(backbone, train, val, head=make_head(torch.eye(12)),
+    report = evaluate_knnseg(backbone, train, val, corrections={"soap": make_head(torch.eye(12))},
                              config=KnnConfig(k=5, image_size=32, memory_mb=0.01))
     assert report.results["original"]["miou"] > 80  # colours decide the class
     assert report.results["soap"] == report.results["original"]  # identity head
+    assert report.intervals["soap"]["miou"] == {"delta": 0.0, "low": 0.0, "high": 0.0}
+    assert report.per_image["soap"]["index"] == list(range(len(val)))
     # 40x28 → 44x32 input: 11x8 patches each; the void top row covers 1 of 4 pixel rows, so no patch is dropped
     assert report.bank_size == 6 * 8 * 11
     capped = evaluate_knnseg(backbone, train, val, config=KnnConfig(k=5, image_size=32, max_bank=100))

@@ -95,15 +95,16 @@ def test_soap_head_shares_the_pass_and_identity_head_changes_nothing(colour_back
     backbone = colour_backbone
     ds = SaliencyDataset.from_folders(folder / "images", folder / "masks")
     identity = make_head(torch.eye(12))
-    report = evaluate_tokencut(backbone, ds, head=identity, config=TokenCutConfig(tau=0.2), save_masks=tmp_path)
+    report = evaluate_tokencut(backbone, ds, corrections={"soap": identity}, config=TokenCutConfig(tau=0.2),
+                               save_masks=tmp_path)
     assert report.results["soap"] == report.results["original"]
     for p in tmp_path.glob("*.png"):
         np.testing.assert_array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(tmp_path / "soap" / p.name)))
     # a head that removes most dimensions changes the result, and keys are reported original only
     lossy = make_head(torch.diag(torch.tensor([1.0] * 2 + [0.0] * 10)))
-    changed = evaluate_tokencut(backbone, ds, head=lossy, config=TokenCutConfig(tau=0.2))
+    changed = evaluate_tokencut(backbone, ds, corrections={"soap": lossy}, config=TokenCutConfig(tau=0.2))
     assert changed.results["soap"] != changed.results["original"]
-    keys = evaluate_tokencut(backbone, ds, head=lossy, config=TokenCutConfig(features="keys"))
+    keys = evaluate_tokencut(backbone, ds, corrections={"soap": lossy}, config=TokenCutConfig(features="keys"))
     assert set(keys.results) == {"original"} and any("keys" in w for w in keys.warnings)
 
 
@@ -123,7 +124,11 @@ def test_cli_tokencut_json_and_figure(folder, tmp_path, capsys):
     assert (tmp_path / "r_masks.png").is_file()
     f, iou, acc = recompute(tmp_path / "m" / "soap", folder / "masks", [f"{i:04d}" for i in range(7)])
     assert payload["results"]["soap"]["iou"] == pytest.approx(iou, abs=1e-6)
-    assert "Δ (SOAP − original)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Δ to original" in printed and "same pass" in printed and "ΔmaxFβ" in printed
+    ci = payload["intervals"]["soap"]["iou"]
+    assert ci["low"] <= ci["delta"] <= ci["high"]
+    assert ci["delta"] == pytest.approx(payload["results"]["soap"]["iou"] - payload["results"]["original"]["iou"])
 
 
 def test_cli_missing_masks_folder_is_one_line(tmp_path, capsys):

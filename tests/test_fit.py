@@ -10,8 +10,8 @@ from conftest import ToyBackbone
 
 from soapvit.data.transforms import ImageTransform
 from soapvit.data.synthetic import SyntheticImages
-from soapvit.fitting import fit
-from soapvit.soap import SoapConfig, SoapHead, attach
+from conftest import fit_soap
+from soapvit.corrections import SoapConfig, SoapHead, attach
 
 
 @pytest.fixture()
@@ -41,7 +41,7 @@ def _tokens(backbone, batches, block):
 @pytest.mark.parametrize("variant", ["reference", "paper"])
 def test_fit_matches_numpy_recomputation(toy_backbone, image_folder, variant):
     backbone = toy_backbone
-    head, report = fit(backbone, image_folder, synthetic=17, batch_size=5, device="cpu", seed=3,
+    head, report = fit_soap(backbone, image_folder, synthetic=17, batch_size=5, device="cpu", seed=3,
                        config=SoapConfig(variant=variant), blocks="all")
     assert report.n_real == 23 and report.n_synthetic == 17
     assert [Path(s["file"]).name for s in report.skipped] == ["zz_corrupt.jpg"]
@@ -92,8 +92,8 @@ def test_fit_matches_numpy_recomputation(toy_backbone, image_folder, variant):
 
 def test_fit_without_cache_gives_the_same_head(toy_backbone, image_folder):
     backbone = toy_backbone
-    cached, r1 = fit(backbone, image_folder, synthetic=8, batch_size=4, device="cpu", blocks="last")
-    uncached, r2 = fit(backbone, image_folder, synthetic=8, batch_size=4, device="cpu", blocks="last", cache_gb=0)
+    cached, r1 = fit_soap(backbone, image_folder, synthetic=8, batch_size=4, device="cpu", blocks="last")
+    uncached, r2 = fit_soap(backbone, image_folder, synthetic=8, batch_size=4, device="cpu", blocks="last", cache_gb=0)
     assert r1.cached and not r2.cached
     torch.testing.assert_close(cached.blocks[1].si, uncached.blocks[1].si)
     torch.testing.assert_close(cached.projector, uncached.projector)
@@ -103,7 +103,7 @@ def test_soap_finds_the_position_embedding_and_attach_removes_it(image_folder, t
     """The toy backbone adds a large fixed position embedding: the highest-SI components must
     lie in its span, and the attached head must shrink it."""
     backbone = ToyBackbone(pos_scale=4.0)
-    head, _ = fit(backbone, image_folder, synthetic=23, batch_size=8, device="cpu", blocks="last",
+    head, _ = fit_soap(backbone, image_folder, synthetic=23, batch_size=8, device="cpu", blocks="last",
                   config=SoapConfig(weighting="reference", mu=2))
     d = head.blocks[1]
     top = torch.argsort(d.si, descending=True)[:2]

@@ -60,18 +60,18 @@ def test_an_earlier_head_propagates_and_equals_the_manual_forward():
     head = make_head(PROJECTOR, apply_block=0)
     source = LabelledImages(torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8), torch.zeros(5), {"toy": 1})
     transform = ImageTransform.for_backbone(backbone, 16)
-    batch = next(iter_tokens(backbone, source, transform, blocks="all", head=head, batch_size=8))
+    batch = next(iter_tokens(backbone, source, transform, blocks="all", corrections={"soap": head}, batch_size=8))
     expected = next(iter_tokens(manual, source, transform, blocks="all", batch_size=8)).original
     for b in range(3):
-        torch.testing.assert_close(batch.corrected.tokens[b], expected.tokens[b])
-    assert not torch.allclose(batch.corrected.tokens[2], batch.original.tokens[2], atol=1e-3)
+        torch.testing.assert_close(batch.variants["soap"].tokens[b], expected.tokens[b])
+    assert not torch.allclose(batch.variants["soap"].tokens[2], batch.original.tokens[2], atol=1e-3)
     # a head at the last block: only the output changes, by the projector
     last = make_head(PROJECTOR, apply_block=2)
-    out = next(iter_tokens(backbone, source, transform, blocks="all", head=last, batch_size=8))
-    torch.testing.assert_close(out.corrected.tokens[1], out.original.tokens[1])
-    torch.testing.assert_close(out.corrected.tokens[2], out.original.tokens[2] @ PROJECTOR)
+    out = next(iter_tokens(backbone, source, transform, blocks="all", corrections={"soap": last}, batch_size=8))
+    torch.testing.assert_close(out.variants["soap"].tokens[1], out.original.tokens[1])
+    torch.testing.assert_close(out.variants["soap"].tokens[2], out.original.tokens[2] @ PROJECTOR)
     # the probe cache: the SOAP tokens of an earlier head are the manual forward's tokens
-    caches = encode_images(backbone, source, image_size=16, head=head)
+    caches = encode_images(backbone, source, image_size=16, corrections={"soap": head})
     plain = encode_images(manual, source, image_size=16)["original"]
     torch.testing.assert_close(caches["soap"].patches, plain.patches)
 
@@ -81,14 +81,14 @@ def test_tokencut_and_knn_with_an_earlier_head_equal_the_manual_forward(tmp_path
     head = make_head(PROJECTOR, apply_block=0)
     dataset = SaliencyDataset.from_folders(saliency_folder(tmp_path / "sal", n=5) / "images")
     config = TokenCutConfig(tau=0.2, batch_size=2)
-    with_head = evaluate_tokencut(backbone, dataset, head=head, config=config)
+    with_head = evaluate_tokencut(backbone, dataset, corrections={"soap": head}, config=config)
     by_hand = evaluate_tokencut(manual, dataset, config=config)
     assert with_head.results["soap"] == by_hand.results["original"]
     assert with_head.results["soap"] != with_head.results["original"]
     train = SegmentationSplit.open(seg_folder(tmp_path / "seg" / "train", 4, 0))
     val = SegmentationSplit.open(seg_folder(tmp_path / "seg" / "val", 3, 1))
     knn = KnnConfig(k=5, image_size=16)
-    with_head = evaluate_knnseg(backbone, train, val, head=head, config=knn)
+    with_head = evaluate_knnseg(backbone, train, val, corrections={"soap": head}, config=knn)
     by_hand = evaluate_knnseg(manual, train, val, config=knn)
     assert with_head.results["soap"]["miou"] == pytest.approx(by_hand.results["original"]["miou"], abs=1e-9)
 
@@ -149,22 +149,29 @@ def test_branch_features_are_the_mlp_branch_of_each_block():
         backbone.forward_features(pixels, block_features="mlp")
 
 
-def test_positional_baseline_subtracts_the_measured_offset_and_is_scored(tmp_path):
-    from soapvit.features import subtract_position
+def test_posmean_subtracts_the_measured_offset_and_is_scored(tmp_path):
+    from soapvit.corrections import CorrectionSet
     from soapvit.fitting import fit
 
     images = write_noise_images(tmp_path / "imgs", size=(20, 16))
     backbone = ThreeBlocks()
-    head, _ = fit(backbone, images, synthetic=6, device="cpu", blocks="all", image_size=16)
-    d = head.blocks[2]
+    fitted, _ = fit(backbone, images, synthetic=6, device="cpu", blocks="all", image_size=16, methods="soap,posmean")
+    corrections = CorrectionSet.load(fitted.save(tmp_path / "c.safetensors"))
+    assert list(corrections) == ["soap", "posmean"]
+    d = corrections.soap.blocks[2]
     batch = next(iter_tokens(backbone, ImageFiles(sorted(images.glob("*.png"))), ImageTransform.for_backbone(
-        backbone, 16), blocks="all", head=head, positional_baseline=True))
+        backbone, 16), blocks="all", corrections=corrections))
     offset = (d.position_mean - d.mean).float()  # (4, 4, D): the fit's grid
-    torch.testing.assert_close(batch.positional.tokens[2], batch.original.tokens[2] - offset)
+    torch.testing.assert_close(batch.variants["posmean"].tokens[2], batch.original.tokens[2] - offset)
+    torch.testing.assert_close(batch.variants["posmean"].tokens[1], batch.original.tokens[1])  # its block only
     # on the fit's own images the baseline leaves every position with the same mean token
-    means = batch.positional.tokens[2].double().mean(0)
+    means = batch.variants["posmean"].tokens[2].double().mean(0)
     torch.testing.assert_close(means, means.mean((0, 1)).expand_as(means), atol=1e-5, rtol=0)
-    assert subtract_position(make_head(PROJECTOR, 2), batch.original) is None  # no statistics, no baseline
+    # a SOAP-only file derives posmean from the SOAP decomposition
+    soap_only = CorrectionSet.load(corrections.soap.save(tmp_path / "soap.safetensors"))
+    assert list(soap_only) == ["soap", "posmean"]
+    torch.testing.assert_close(soap_only["posmean"].offset_, corrections["posmean"].offset_)
     dataset = SaliencyDataset.from_folders(saliency_folder(tmp_path / "sal", n=4) / "images")
-    report = evaluate_tokencut(backbone, dataset, head=head, config=TokenCutConfig(tau=0.2))
-    assert list(report.results) == ["original", "soap", "positional"]
+    report = evaluate_tokencut(backbone, dataset, corrections=corrections, config=TokenCutConfig(tau=0.2))
+    assert list(report.results) == ["original", "soap", "posmean"]
+    assert set(report.intervals) == {"soap", "posmean"} and report.passes["posmean"] == "same pass"

@@ -17,9 +17,9 @@ from PIL import Image
 from conftest import ToyBackbone
 
 from soapvit.errors import SoapvitError
-from soapvit.fitting import fit
+from conftest import fit_soap
 from soapvit.report import HEAD_SECTIONS, PAGE_SECTIONS, render_report, write_report
-from soapvit.soap import SoapHead
+from soapvit.corrections.soap import SoapHead
 
 LABELS = ("toy strong position", "toy weak position")
 KNN_EVAL = {
@@ -102,7 +102,7 @@ def toy(tmp_path_factory):
         Image.fromarray((rng.random((24, 28, 3)) * 255).astype(np.uint8)).save(folder / f"img{i:02d}.png")
     (folder / "zz_corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     backbones = {LABELS[0]: ToyBackbone(pos_scale=3.0), LABELS[1]: ToyBackbone(pos_scale=0.3, seed=1)}
-    heads = {label: fit(b, folder, synthetic=12, batch_size=6, device="cpu", blocks="all")[0]
+    heads = {label: fit_soap(b, folder, synthetic=12, batch_size=6, device="cpu", blocks="all")[0]
              for label, b in backbones.items()}
     return heads, sorted(folder.glob("*.png"))[:2], backbones
 

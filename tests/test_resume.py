@@ -11,9 +11,9 @@ from test_distributed import ASSETS, assert_same_head
 from conftest import ToyBackbone
 
 from soapvit.errors import SoapvitError
-from soapvit.fitting import fit
+from conftest import fit_soap
 from soapvit.safetensors_io import read_safetensors
-from soapvit.soap import SoapHead
+from soapvit.corrections.soap import SoapHead
 
 # the CLI with every forward pass slowed down, so that a kill lands mid-fit
 SLOW_CLI = """
@@ -72,14 +72,14 @@ def test_sigkill_in_each_pass_then_rerun_gives_the_uninterrupted_head(tmp_path, 
 
 def test_a_checkpoint_of_another_fit_is_refused(tmp_path, images_folder):
     options = dict(synthetic=4, batch_size=2, device="cpu", checkpoint=tmp_path / "state", checkpoint_every=1)
-    first, _ = fit(ToyBackbone(), images_folder, **options)
-    again, _ = fit(ToyBackbone(), images_folder, **options)  # a finished state: nothing left to encode
+    first, _ = fit_soap(ToyBackbone(), images_folder, **options)
+    again, _ = fit_soap(ToyBackbone(), images_folder, **options)  # a finished state: nothing left to encode
     assert_same_head(first, again, atol=0)
     with pytest.raises(SoapvitError, match="holds another fit \\(its seed differ\\)"):
-        fit(ToyBackbone(), images_folder, seed=1, **options)
+        fit_soap(ToyBackbone(), images_folder, seed=1, **options)
     (tmp_path / "state" / "rank-0-of-1.safetensors").rename(tmp_path / "state" / "rank-0-of-2.safetensors")
     with pytest.raises(SoapvitError, match="another number of processes"):
-        fit(ToyBackbone(), images_folder, **options)
+        fit_soap(ToyBackbone(), images_folder, **options)
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from soapvit.errors import SoapvitError
-from soapvit.soap import (
+from soapvit.corrections.soap import (
     BlockDecomposition,
     SoapHead,
     auto_mu,
@@ -66,8 +66,9 @@ def test_paper_weights_formula():
 
 
 def test_auto_mu_manual_and_si_weightings():
-    scores = torch.tensor([0.8, 0.6, 0.76, 0.75], dtype=torch.float64)
+    scores = torch.tensor([0.8, 0.6, 0.76, 0.74], dtype=torch.float64)
     assert auto_mu(scores) == 2
+    assert auto_mu(torch.tensor([0.8, 0.75, 0.6])) == 2  # the one rule: SI ≥ 0.75 is high
     w = component_weights(scores, "reference", mu=None, tau=0.05)
     assert w[0] > 0.79 and w[2] > 0.75 and w[1] < 1e-4 and w[3] < 1e-4
     assert component_weights(scores, "manual", components=[1, 3]).tolist() == [0, 1, 0, 1]
@@ -125,7 +126,7 @@ def test_head_load_rejects_bad_files(tmp_path):
 
 
 def test_components_without_variance_get_the_floor_si_and_are_never_removed():
-    from soapvit.soap import component_weights, without_degenerate
+    from soapvit.corrections.soap import component_weights, without_degenerate
 
     si = torch.tensor([0.2, 0.9, 0.8, 0.95], dtype=torch.float64)
     eigenvalues = torch.tensor([5.0, 2.0, 1.0, 1e-12], dtype=torch.float64)  # the last: LayerNorm's null direction

@@ -14,7 +14,7 @@ from soapvit.data.synthetic import SyntheticImages
 from soapvit.data.transforms import ImageTransform
 from soapvit.distributed import share
 from soapvit.features import iter_tokens
-from soapvit.fitting import fit
+from conftest import fit_soap
 
 
 def png(seed: int) -> bytes:
@@ -97,7 +97,7 @@ def test_pipeline_streams_shards_with_workers_and_logs_bad_samples(shards):
 def test_damaged_shard_keeps_earlier_samples_and_fit_runs_on_shards(tmp_path):
     write_shard(tmp_path / "a.tar.gz", [f"k{i}" for i in range(6)])
     write_shard(tmp_path / "b.tar.gz", [f"k{i}" for i in range(40)], truncate=True)
-    head, report = fit(ToyBackbone(), f"{tmp_path}/{{a,b}}.tar.gz", synthetic=3, batch_size=4, device="cpu")
+    head, report = fit_soap(ToyBackbone(), f"{tmp_path}/{{a,b}}.tar.gz", synthetic=3, batch_size=4, device="cpu")
     assert 6 < report.n_real < 46 and report.n_synthetic == 3
     assert any(entry["file"].endswith("b.tar.gz") and "unreadable" in entry["reason"] for entry in report.skipped)
     assert head.metadata["n_real"] == report.n_real

@@ -2,11 +2,12 @@
 
 :func:`iter_tokens` takes any :class:`~soapvit.data.sources.ImageSource`, groups its items by
 model-input size, decodes them in a :class:`~torch.utils.data.DataLoader` (workers on GPU),
-encodes each batch once and yields the original features and, when a SOAP head is given, the
-corrected ones. The head is applied by the one rule of :class:`~soapvit.soap.SoapBackbone`: at the
-last block it transforms the output (no second forward pass); at an earlier block it is inserted
-into the forward pass so every later block sees the corrected tokens. Unreadable items and
-reader warnings are recorded once in a :class:`~soapvit.runlog.RunLog`; nothing stops the run.
+encodes each batch once and yields named variants: ``original`` and one per correction given.
+A correction that maps the output (the head rule of :mod:`soapvit.corrections.base`) is computed
+from the original pass; one that edits the forward pass is encoded once more through the
+backbone it wraps. The pipeline knows only the :class:`Correction` protocol, no method. Unreadable
+items and reader warnings are recorded once in a :class:`~soapvit.runlog.RunLog`; nothing stops
+the run.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import contextlib
 import itertools
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -28,7 +29,18 @@ from .data.sources import ImageSource, ImageStream, Loader, is_stream
 from .data.transforms import ImageTransform
 from .errors import SoapvitError
 from .runlog import Progress, RunLog
-from .soap import SoapHead, attach
+
+
+class Correction(Protocol):
+    """What the pipeline needs of a correction (:mod:`soapvit.corrections` implements it)."""
+
+    def maps_output(self, backbone: Backbone) -> bool: ...
+
+    def correct(self, features: Features) -> Features: ...
+
+    def wrap(self, backbone: Backbone) -> Backbone: ...
+
+    def prepare(self, backbone: Backbone) -> None: ...
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -75,40 +87,23 @@ def encode(backbone: Backbone, pixels: Tensor, blocks=None, **kwargs) -> Feature
 
 @dataclass
 class TokenBatch:
-    """One encoded batch: source indices, targets, optionally the decoded images, the original
-    features and, with a head, the SOAP-corrected ones. ``step`` numbers the loader batch it came
-    from in this process's plan; ``ends_step`` is true on the last batch of that step (a step
-    yields one batch per input shape), after which ``start_step=step + 1`` resumes."""
+    """One encoded batch: source indices, targets, optionally the decoded images, and the
+    features of every variant (``"original"`` first, then one per correction). ``step`` numbers
+    the loader batch it came from in this process's plan; ``ends_step`` is true on the last batch
+    of that step (a step yields one batch per input shape), after which ``start_step=step + 1``
+    resumes."""
 
     indices: list[int]
     targets: list[Any]
     images: list[Any] | None
     pixels: Tensor
-    original: Features
-    corrected: Features | None
-    positional: Features | None = None
+    variants: dict[str, Features]
     step: int = 0
     ends_step: bool = True
 
-    def variants(self) -> dict[str, Features]:
-        """``{"original": …, "soap": …, "positional": …}``: SOAP with a head, the positional
-        baseline when it was asked for."""
-        out = {"original": self.original, "soap": self.corrected, "positional": self.positional}
-        return {name: features for name, features in out.items() if features is not None}
-
-
-def subtract_position(head: SoapHead, features: Features) -> Features | None:
-    """The positional baseline: every block's tokens minus the per-position offset (mean token at
-    the position minus the mean token) that the head's fit measured there; None when the head has
-    no such statistics for any returned block."""
-    tokens = {}
-    for b, t in features.tokens.items():
-        offset = head.positional_offset(b, tuple(t.shape[1:3]))
-        if offset is not None:
-            tokens[b] = t - offset.to(t.device, t.dtype)
-    if not tokens:
-        return None
-    return Features(tokens=tokens, prefix=features.prefix, keys=None, attentions={})
+    @property
+    def original(self) -> Features:
+        return self.variants["original"]
 
 
 @dataclass
@@ -222,13 +217,39 @@ def _steps(source: ImageSource | ImageStream, transform: ImageTransform, indices
     return enumerate(loader, start_step), sum(map(len, batches)), sum(map(len, batches[:start_step]))
 
 
+def iter_pixels(source: ImageSource | ImageStream, transform: ImageTransform, indices: Iterable[int],
+                batch_size: int, device: torch.device, *, num_workers: int | None = None,
+                log: RunLog | None = None) -> Iterator[Tensor]:
+    """Normalised pixels of ``indices`` (of a stream: as many first items), in batches of one
+    input size on ``device``: the input of a calibration pass. Failures go to ``log``."""
+    log = log if log is not None else RunLog()
+    indices = list(indices)
+    stream = is_stream(source)
+    steps, _, _ = _steps(source, transform, None if stream else indices, batch_size,
+                         default_workers(device) if num_workers is None else num_workers, False, False, 0,
+                         device.type == "cuda", log)
+    left = len(indices)
+    for _, items in steps:
+        by_shape: dict[tuple[int, ...], list[Tensor]] = {}
+        for item in items[:left] if stream else items:
+            if item.error is not None:
+                log.skip(item.name, item.error)
+            else:
+                by_shape.setdefault(tuple(item.pixels.shape), []).append(item.pixels)
+        for group in by_shape.values():
+            yield torch.stack(group).to(device, non_blocking=True)
+        left -= len(items)
+        if stream and left <= 0:
+            return
+
+
 def iter_tokens(
     backbone: Backbone,
     source: ImageSource | ImageStream,
     image_transform: ImageTransform,
     *,
     blocks: int | str | Sequence[int] = "last",
-    head: SoapHead | None = None,
+    corrections: Mapping[str, Correction] | None = None,
     norm: bool = True,
     block_features: str = "residual",
     keys: bool = False,
@@ -237,7 +258,6 @@ def iter_tokens(
     batch_size: int = 32,
     num_workers: int | None = None,
     keep_images: bool = False,
-    positional_baseline: bool = False,
     across_ranks: bool = False,
     start_step: int = 0,
     log: RunLog | None = None,
@@ -246,18 +266,19 @@ def iter_tokens(
 ) -> Iterator[TokenBatch]:
     """Encode ``source`` (or its ``indices``) batch by batch; see the module doc.
 
-    ``positional_baseline`` (with a head) adds the variant :func:`subtract_position`.
-    ``across_ranks`` shares the work between the processes of a :mod:`torch.distributed` group;
+    ``corrections`` (name → correction, checked against the backbone by the caller) add one
+    variant each. ``across_ranks`` shares the work between the processes of a :mod:`torch.distributed` group;
     ``start_step`` skips this process's first loader batches (a resumed run)."""
     if batch_size < 1:
         raise SoapvitError(f"--batch-size must be at least 1, not {batch_size}")
     device = backbone.device
     log = log if log is not None else RunLog()
-    corrected_backbone = None
-    if head is not None:
-        head.check_backbone(backbone, allow_other=True)
-        if head.apply_block != backbone.num_blocks - 1:
-            corrected_backbone = attach(backbone, head)
+    corrections = dict(corrections or {})
+    if "original" in corrections:
+        raise SoapvitError("'original' names the uncorrected tokens, not a correction")
+    for correction in corrections.values():
+        correction.prepare(backbone)
+    wrapped = {name: c.wrap(backbone) for name, c in corrections.items() if not c.maps_output(backbone)}
     workers = default_workers(device) if num_workers is None else num_workers
     steps, total, done = _steps(source, image_transform, indices, batch_size, workers, keep_images, across_ranks,
                                 start_step, device.type == "cuda", log)
@@ -274,17 +295,13 @@ def iter_tokens(
         groups = list(by_shape.values())
         for number, group in enumerate(groups, 1):
             pixels = torch.stack([item.pixels for item in group]).to(device, non_blocking=True)
-            original = encode(backbone, pixels, blocks, **options)
-            if head is None:
-                corrected = None
-            elif corrected_backbone is None:
-                corrected = head.correct(original)
-            else:
-                corrected = encode(corrected_backbone, pixels, blocks, **options)
-            positional = subtract_position(head, original) if positional_baseline and head is not None else None
+            variants = {"original": encode(backbone, pixels, blocks, **options)}
+            for name, correction in corrections.items():
+                variants[name] = (encode(wrapped[name], pixels, blocks, **options) if name in wrapped
+                                  else correction.correct(variants["original"]))
             yield TokenBatch([item.index for item in group], [item.target for item in group],
-                             [item.image for item in group] if keep_images else None, pixels, original, corrected,
-                             positional, step=step, ends_step=number == len(groups))
+                             [item.image for item in group] if keep_images else None, pixels, variants,
+                             step=step, ends_step=number == len(groups))
         done += len(items)
         if progress:
             progress(stage, done, total)

@@ -1,9 +1,12 @@
-"""Fitting a SOAP head: the data passes that feed :mod:`stats` and then :mod:`soap`.
+"""Fitting corrections: the data passes that feed :mod:`stats` and then :mod:`corrections`.
 
-Pass 1 encodes the real images once and accumulates the moments of every requested block
-(tokens are cached when they fit in ``cache_gb``); pass 2 counts the responses of
-the real tokens (from the cache, else a second forward) and of the synthetic images (their only
-forward). With the cache every image is encoded exactly once.
+Pass 1 encodes the real images once and accumulates the moments, per-position sums and token-norm
+histograms of every requested block (tokens are cached when they fit in ``cache_gb``); pass 2
+counts the responses of the real tokens (from the cache, else a second forward) and of the
+synthetic images (their only forward). With the cache every image is encoded exactly once. Every
+correction derivable from these statistics (SOAP, posmean, top-pc, …) is fitted from them; the
+zero image is one more forward where a method asks for it; a calibrating method (registers) has
+its own pass over the first real images.
 
 Both passes scale out over a :mod:`torch.distributed` group (each rank its share of the real and
 synthetic batches, accumulators merged across ranks) and resume from a :mod:`~soapvit.resume`
@@ -27,11 +30,11 @@ from .data.sources import ImageFiles, ImageSource, ImageStream, TarShards, is_st
 from .data.synthetic import GENERATORS, SyntheticImages
 from .data.transforms import ImageTransform
 from .errors import SoapvitError
-from .features import encode, gather_log, iter_tokens, resolve_device
+from .corrections import METHODS, CorrectionSet, SoapConfig, SoapHead
+from .features import encode, gather_log, iter_pixels, iter_tokens, resolve_device
 from .resume import FitCheckpoint, FitState, align_stages
 from .runlog import Progress, RunReport
-from .soap import BlockStatistics, SoapConfig, SoapHead
-from .stats import principal_components
+from .stats import BlockStatistics, FitStatistics, principal_components
 from .validation import COUNT, OPTIONAL_COUNT, Interval, Options, validate
 
 
@@ -64,12 +67,14 @@ def collect_statistics(
     num_workers: int | None = None,
     progress: Progress | None = None,
     checkpoint: FitCheckpoint | None = None,
-) -> tuple[dict[int, BlockStatistics], FitReport]:
+    zero_image: bool = False,
+) -> tuple[FitStatistics, FitReport]:
     """Run both passes over ``images`` (real) and ``synthetic``; per-block statistics and a report.
 
     In a :mod:`torch.distributed` group every process takes its share of both sets and the
     accumulators are merged across ranks (the same numbers on every rank, equal to one process's).
-    With a ``checkpoint`` the state is saved every few batches and a saved state is resumed."""
+    With a ``checkpoint`` the state is saved every few batches and a saved state is resumed.
+    ``zero_image`` adds the tokens of the image that is zero after normalisation (one forward)."""
     device = backbone.device
     side = image_transform.output_size(1, 1)[0] // backbone.patch_size
     grid, dim = (side, side), backbone.embed_dim
@@ -101,6 +106,7 @@ def collect_statistics(
             for b in blocks:
                 state.moments[b].update(tokens[b].reshape(-1, dim))
                 state.position_sum[b] += tokens[b].sum(dim=0, dtype=torch.float64)
+                state.norms[b].update(tokens[b])
             if use_cache:
                 cache.append((batch.step, batch.ends_step, tokens))
             state.n_real += len(batch.indices)
@@ -147,11 +153,15 @@ def collect_statistics(
         raise SoapvitError("--synthetic produced no images")
     log = gather_log(state.log)
 
-    stats = {
+    stats = FitStatistics({
         b: BlockStatistics(state.moments[b], pcs[b][0], pcs[b][1], real[b], fake[b],
-                           state.position_sum[b] / state.n_real)
+                           state.position_sum[b] / state.n_real, state.norms[b])
         for b in blocks
-    }
+    }, grid)
+    if zero_image:
+        zeros = torch.zeros(1, 3, side * backbone.patch_size, side * backbone.patch_size, device=device)
+        feats = encode(backbone, zeros, blocks, norm=norm, block_features=block_features)
+        stats.zero_image = {b: feats.tokens[b][0] for b in blocks}
     report = FitReport(results={}, settings={}, log=log, seconds={"total": time.perf_counter() - start},
                        n_real=state.n_real, n_synthetic=fake[blocks[0]].images, cached=use_cache)
     return stats, report
@@ -161,7 +171,20 @@ FIT_CONSTRAINTS = {
     "limit": OPTIONAL_COUNT, "synthetic": OPTIONAL_COUNT, "image_size": OPTIONAL_COUNT, "batch_size": COUNT,
     "cache_gb": Interval(float, 0), "num_workers": Interval(int, 0, optional=True), "seed": Interval(int),
     "generator": Options(GENERATORS), "block_features": Options(BLOCK_FEATURES), "checkpoint_every": COUNT,
+    "calibration_images": COUNT,
 }
+
+
+def resolve_methods(methods: str | Sequence[str]) -> list[str]:
+    """``"all"``, a comma list or a sequence of method names → names in registry order, SOAP
+    always first (every corrections file holds the SOAP decomposition)."""
+    if isinstance(methods, str):
+        methods = list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SoapvitError(f"--methods must be 'all' or a comma list of {', '.join(METHODS)}, not "
+                           f"{','.join(methods)!r}")
+    return [m for m in METHODS if m in methods or m == "soap"]
 
 
 def resolve_images(images: str | Path | Sequence[Path] | ImageSource | ImageStream,
@@ -202,13 +225,20 @@ def fit(
     norm: bool = True,
     block_features: str = "residual",
     config: SoapConfig | None = None,
+    methods: str | Sequence[str] = ("soap",),
+    method_options: dict[str, dict] | None = None,
+    calibration_images: int = 256,
     cache_gb: float = 8.0,
     num_workers: int | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 100,
     progress: Progress | None = None,
-) -> tuple[SoapHead, FitReport]:
-    """Fit a SOAP head for ``backbone`` on natural images (a folder, a file list or a source).
+) -> tuple[CorrectionSet, FitReport]:
+    """Fit corrections for ``backbone`` on natural images (a folder, a file list or a source).
+
+    ``methods`` (``"all"``, a comma list or names of :data:`~soapvit.corrections.METHODS`; SOAP
+    always) are fitted from the same passes, each with its ``method_options`` (name →
+    keyword arguments); a calibrating method uses the first ``calibration_images`` real images.
 
     ``synthetic`` defaults to the number of real images; ``blocks`` are fitted (``"all"``,
     ``"last"`` or indices) and the projector is built for ``apply_block`` (default the last).
@@ -221,6 +251,9 @@ def fit(
     ``checkpoint_every`` batches; rerunning the same fit resumes from it.
     """
     validate(locals(), FIT_CONSTRAINTS)
+    names = resolve_methods(methods)
+    method_options = dict(method_options or {})
+    estimators = {n: METHODS[n](**method_options.get(n, {})) for n in names if n != "soap"}
     device = resolve_device(device)
     backbone = backbone.to(device).eval()
     source = resolve_images(images, limit)
@@ -245,7 +278,7 @@ def fit(
     stats, report = collect_statistics(
         backbone, source, fakes, blocks=block_ids, image_transform=transform, batch_size=batch_size, norm=norm,
         block_features=block_features, cache_gb=cache_gb, num_workers=num_workers, progress=progress,
-        checkpoint=saver,
+        checkpoint=saver, zero_image=any("zero_image" in e.requires for e in estimators.values()),
     )
     metadata = {
         "backbone": backbone.model_id, "weights_digest": backbone.weights_digest(), "blocks": block_ids,
@@ -256,6 +289,17 @@ def fit(
         "backbone_config": backbone.describe(), "soapvit_version": __version__, **report.log.to_dict(),
     }
     head = SoapHead.from_statistics(stats, config or SoapConfig(), apply_id, metadata)
+    corrections = {"soap": head}
+    for name, estimator in estimators.items():
+        if estimator.calibrates:
+            t0 = time.perf_counter()
+            pixels = iter_pixels(source, transform, range(min(calibration_images, report.n_real)), batch_size,
+                                 device, num_workers=num_workers, log=report.log)
+            corrections[name] = estimator.calibrate(backbone, pixels, apply_id)
+            report.seconds[f"calibrate {name}"] = time.perf_counter() - t0
+        else:
+            corrections[name] = estimator.fit(stats, apply_id)
+    metadata = {**head.metadata, "methods": list(corrections)}
     report.settings = {k: v for k, v in metadata.items() if k not in ("skipped", "warnings")}
     report.results = head.summary()
-    return head, report
+    return CorrectionSet(corrections, metadata), report

@@ -18,9 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .soap import SoapHead  # noqa: E402
+from .corrections.soap import SI_THRESHOLD, SoapHead  # noqa: E402
 
-SI_THRESHOLD = 0.75
 
 
 def _save(fig, path: Path) -> Path:
@@ -145,10 +144,10 @@ def render_head_figures(head: SoapHead, out: Path, backbone=None, image_files: S
         transform = ImageTransform.for_backbone(backbone, size=size)
         shown, before, after = [], [], []
         for batch in iter_tokens(backbone, ImageFiles(list(image_files)), transform, blocks=head.apply_block,
-                                 head=head, norm=head.metadata.get("norm", True), keep_images=True):
+                                 corrections={"soap": head}, norm=head.metadata.get("norm", True), keep_images=True):
             shown += [np.asarray(image.resize((size, size))) for image in batch.images]
             before.append(batch.original.tokens[head.apply_block].cpu())
-            after.append(batch.corrected.tokens[head.apply_block].cpu())
+            after.append(batch.variants["soap"].tokens[head.apply_block].cpu())
         if shown:
             paths.append(plot_token_maps(shown, torch.cat(before).numpy(), torch.cat(after).numpy(), head,
                                          out / "token_maps.png"))

@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import SoapvitError
-from .plots import SI_THRESHOLD, plot_max_si_per_block, render_head_figures, response_maps_figure
-from .soap import SoapHead
+from .plots import plot_max_si_per_block, render_head_figures, response_maps_figure
+from .corrections.soap import REMOVED_WEIGHT, SI_THRESHOLD, SoapHead, high_si, removed
 
 #: Section headings of every head's part of the page, in order.
 HEAD_SECTIONS = ("Card", "Semantic invariance per block", "Positional variance", "Removed components",
@@ -87,10 +87,9 @@ def _relative_depth(head: SoapHead, block: int) -> float:
 
 
 def removed_components(head: SoapHead, block: int | None = None) -> list[int]:
-    """Components (descending-eigenvalue index) with weight > 0.5 at ``block`` (default: the
-    block the head applies to, i.e. the components it removes)."""
-    weights = head.blocks[head.apply_block if block is None else block].weights
-    return (weights > 0.5).nonzero().flatten().tolist()
+    """Components (descending-eigenvalue index) removed at ``block`` (default: the block the head
+    applies to)."""
+    return removed(head.blocks[head.apply_block if block is None else block].weights)
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -105,7 +104,7 @@ def si_small_multiples(head: SoapHead) -> str:
         ax.plot(np.arange(1, len(si) + 1), si, lw=1.2)
         ax.axhline(SI_THRESHOLD, color="grey", lw=0.8, ls=":")
         marker = " (head)" if b == head.apply_block else ""
-        above = int((si >= SI_THRESHOLD).sum())
+        above = high_si(head.blocks[b].si).numel()
         ax.set_title(f"block {b}{marker}: max {si[0]:.2f}, {above} ≥ {SI_THRESHOLD}", fontsize=8)
         ax.set_ylim(0, 1.02)
     for ax in axes.flat[len(blocks):]:
@@ -121,7 +120,7 @@ def components_above_threshold_vs_depth(heads: Mapping[str, SoapHead]) -> str:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, head in heads.items():
         blocks = sorted(head.blocks)
-        counts = [int((head.blocks[b].si >= SI_THRESHOLD).sum()) for b in blocks]
+        counts = [high_si(head.blocks[b].si).numel() for b in blocks]
         ax.plot([_relative_depth(head, b) for b in blocks], counts, marker="o", ms=3, label=label)
     ax.set(xlabel="relative depth", ylabel=f"components with SI ≥ {SI_THRESHOLD}", ylim=(0, None),
            title="non-semantic components vs depth")
@@ -227,14 +226,14 @@ def _block_table(head: SoapHead) -> str:
         removed = " ".join(f"PC{c + 1}" for c in removed_components(head, b)) or "–"
         rows.append(f'<tr><th scope="row">{b}{" (head)" if b == head.apply_block else ""}</th>'
                     f"<td>{d.si.max().item():.3f}</td><td>PC{top + 1}</td>"
-                    f"<td>{int((d.si >= SI_THRESHOLD).sum())}</td><td>{d.position_share[top].item():.0%}</td>"
+                    f"<td>{high_si(d.si).numel()}</td><td>{d.position_share[top].item():.0%}</td>"
                     f"<td>{removed}</td></tr>")
     return ("<table><caption>Per block: highest SI, its component, how many components reach "
             f"SI ≥ {SI_THRESHOLD}, the share of that top component's variance explained by position, "
-            "and the components with weight &gt; 0.5</caption>"
+            f"and the components with weight &gt; {REMOVED_WEIGHT}</caption>"
             '<tr><th scope="col">block</th><th scope="col">max SI</th><th scope="col">at</th>'
             f'<th scope="col">SI ≥ {SI_THRESHOLD}</th><th scope="col">position share</th>'
-            f'<th scope="col">weight &gt; 0.5</th></tr>{"".join(rows)}</table>')
+            f'<th scope="col">weight &gt; {REMOVED_WEIGHT}</th></tr>{"".join(rows)}</table>')
 
 
 def _token_maps(head: SoapHead, label: str, backbone, images: Sequence[Path], workdir: Path) -> str:
@@ -270,7 +269,7 @@ def _head_section(index: int, label: str, head: SoapHead, backbone, images: Sequ
             "on real images (top) and synthetic non-semantic images (bottom). Look for the same spatial pattern "
             "in both rows: a component that responds alike to images without semantics is noise.")
     else:
-        responses = f'<p>The head removes no component at block {head.apply_block} (no weight &gt; 0.5).</p>'
+        responses = f'<p>The head removes no component at block {head.apply_block} (no weight &gt; {REMOVED_WEIGHT}).</p>'
     parts = [
         f'<h2 id="{anchor}">Model: {html.escape(label)}</h2>',
         f'<h3 id="{anchor}-card">{HEAD_SECTIONS[0]}</h3>', _card(head),

@@ -22,10 +22,10 @@ from . import distributed
 from .errors import SoapvitError
 from .runlog import RunLog
 from .safetensors_io import read_safetensors
-from .stats import ResponseCounts, StreamingMoments
+from .stats import NormHistogram, ResponseCounts, StreamingMoments
 
 CHECKPOINT_FORMAT = "soapvit-fit-checkpoint/1"
-ACCUMULATORS = ("moments", "position", "real", "fake")
+ACCUMULATORS = ("moments", "position", "real", "fake", "norms")
 
 
 @dataclass
@@ -44,18 +44,21 @@ class FitState:
     n_real: int = 0
     real_steps: int = 0
     synthetic_steps: int = 0
+    norms: dict[int, NormHistogram] = field(default_factory=dict)
 
     @classmethod
     def fresh(cls, blocks, grid: tuple[int, int], dim: int, device: torch.device) -> FitState:
         return cls({b: StreamingMoments(dim, device) for b in blocks},
                    {b: torch.zeros(*grid, dim, dtype=torch.float64, device=device) for b in blocks},
                    {b: ResponseCounts.zeros(grid, dim, device) for b in blocks},
-                   {b: ResponseCounts.zeros(grid, dim, device) for b in blocks})
+                   {b: ResponseCounts.zeros(grid, dim, device) for b in blocks},
+                   norms={b: NormHistogram(device=device) for b in blocks})
 
     def finish_moments(self) -> None:
         """End pass 1: merge moments, position sums and counts across ranks; start pass 2."""
         self.moments = {b: m.across_ranks() for b, m in self.moments.items()}
         self.position_sum = {b: distributed.all_reduce_sum(s) for b, s in self.position_sum.items()}
+        self.norms = {b: h.across_ranks() for b, h in self.norms.items()}
         self.n_real = int(distributed.all_reduce_sum(torch.tensor([self.n_real])))
         self.stage, self.real_steps, self.synthetic_steps = "responses", 0, 0
 
@@ -66,6 +69,7 @@ class FitState:
             out[f"position.{b}"] = self.position_sum[b]
             out |= {f"real.{b}.{k}": v for k, v in self.real[b].state_dict().items()}
             out |= {f"fake.{b}.{k}": v for k, v in self.fake[b].state_dict().items()}
+            out |= {f"norms.{b}.{k}": v for k, v in self.norms[b].state_dict().items()}
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def position(self) -> dict:
@@ -84,7 +88,8 @@ class FitState:
                    {b: tensors[f"position.{b}"].to(device) for b in blocks},
                    {b: ResponseCounts.from_state_dict(part(f"real.{b}."), device) for b in blocks},
                    {b: ResponseCounts.from_state_dict(part(f"fake.{b}."), device) for b in blocks},
-                   log, position["stage"], position["n_real"], position["real_steps"], position["synthetic_steps"])
+                   log, position["stage"], position["n_real"], position["real_steps"], position["synthetic_steps"],
+                   {b: NormHistogram.from_state_dict(part(f"norms.{b}."), device) for b in blocks})
 
 
 class FitCheckpoint:
@@ -150,4 +155,5 @@ def align_stages(state: FitState) -> FitState:
     ahead = FitState.restore(*merged, device)
     fresh = FitState.fresh(ahead.moments, tuple(ahead.real[next(iter(ahead.real))].raw.shape[:2]),
                            ahead.moments[next(iter(ahead.moments))].dim, device)
-    return FitState(ahead.moments, ahead.position_sum, fresh.real, fresh.fake, state.log, "responses", ahead.n_real)
+    return FitState(ahead.moments, ahead.position_sum, fresh.real, fresh.fake, state.log, "responses", ahead.n_real,
+                    norms=ahead.norms)

@@ -3,9 +3,11 @@
 :class:`StreamingMoments` keeps count, mean and the centred scatter matrix in float64 and
 merges batches with Chan et al.'s parallel update, so chunks of any size, from any number of
 processes, give the same mean and covariance as one pass. :class:`ResponseCounts` counts, per
-patch position and principal component, how often a token projects positively. Both merge across
-the processes of a :mod:`torch.distributed` group (``across_ranks``), both round-trip through
-``state_dict`` (fit checkpoints).
+patch position and principal component, how often a token projects positively.
+:class:`NormHistogram` bins token norms on a log scale (quantiles for outlier thresholds). All
+merge across the processes of a :mod:`torch.distributed` group (``across_ranks``) and round-trip
+through ``state_dict`` (fit checkpoints). :class:`FitStatistics` is what one fit hands to the
+corrections.
 
 On a GPU every update stays on the device: the batch's scatter in the tokens' float32, the merge
 into the float64 accumulators.
@@ -13,7 +15,8 @@ into the float64 accumulators.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -169,3 +172,85 @@ class ResponseCounts:
         """Per-position response probability ``(h, w, D)`` in float64."""
         counts = {"centred": self.centred, "raw": self.raw}[rule]
         return counts.double() / max(self.images, 1)
+
+
+class NormHistogram:
+    """Counts of token L2 norms in ``bins`` log-spaced bins over ``[low, high]`` (values outside
+    land in the end bins); relative resolution ``(high/low)^(1/bins)``, 0.3 % by default."""
+
+    def __init__(self, low: float = 1e-4, high: float = 1e6, bins: int = 8192, device: torch.device | str = "cpu",
+                 counts: Tensor | None = None) -> None:
+        self.low, self.high, self.bins = float(low), float(high), int(bins)
+        self.counts = counts if counts is not None else torch.zeros(bins, dtype=torch.int64, device=device)
+
+    def _index(self, values: Tensor) -> Tensor:
+        scale = self.bins / math.log(self.high / self.low)
+        index = torch.floor((values.double().clamp_min(self.low).log() - math.log(self.low)) * scale)
+        return index.clamp(0, self.bins - 1).long()
+
+    def update(self, tokens: Tensor) -> NormHistogram:
+        """Add the norms of tokens ``(..., D)``."""
+        norms = tokens.float().norm(dim=-1).reshape(-1).to(self.counts.device)
+        self.counts += torch.bincount(self._index(norms), minlength=self.bins)
+        return self
+
+    def edges(self) -> Tensor:
+        """``bins + 1`` bin edges (float64)."""
+        return torch.logspace(math.log10(self.low), math.log10(self.high), self.bins + 1, dtype=torch.float64)
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile (the geometric centre of the bin holding it)."""
+        total = int(self.counts.sum())
+        if total == 0:
+            raise ValueError("no norms were counted")
+        cumulative = self.counts.cpu().cumsum(0)
+        rank = max(1, math.ceil(q * total))  # the rank-th smallest norm
+        index = int(torch.searchsorted(cumulative, torch.tensor(rank, dtype=cumulative.dtype)).clamp(max=self.bins - 1))
+        edges = self.edges()
+        return float((edges[index] * edges[index + 1]).sqrt())
+
+    def share_above(self, threshold: float) -> float:
+        """Share of the counted norms in bins above ``threshold``'s bin."""
+        total = int(self.counts.sum())
+        index = int(self._index(torch.tensor([threshold]))[0])
+        return float(self.counts[index + 1 :].sum()) / max(total, 1)
+
+    def across_ranks(self) -> NormHistogram:
+        return NormHistogram(self.low, self.high, self.bins, counts=distributed.all_reduce_sum(self.counts))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"counts": self.counts, "range": torch.tensor([self.low, self.high], dtype=torch.float64)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], device: torch.device | str = "cpu") -> NormHistogram:
+        low, high = state["range"].tolist()
+        counts = state["counts"].to(device, torch.int64).clone()
+        return cls(low, high, counts.numel(), counts=counts)
+
+
+@dataclass
+class BlockStatistics:
+    """Everything one pass over the data gives for one block."""
+
+    moments: StreamingMoments
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    real: ResponseCounts
+    synthetic: ResponseCounts
+    position_mean: Tensor  # (h, w, D) mean real token per patch position
+    norms: NormHistogram | None = None  # patch-token norms of the real images
+
+    @property
+    def position_share(self) -> Tensor:
+        """``(D,)`` share of each component's variance explained by patch position."""
+        return positional_fraction(self.position_mean, self.moments.mean, self.eigenvectors, self.eigenvalues)
+
+
+@dataclass
+class FitStatistics:
+    """What one fit gives every correction: per-block statistics of the real (and synthetic)
+    tokens, and the tokens of the image that is zero after normalisation, at the fit's grid."""
+
+    blocks: dict[int, BlockStatistics]
+    grid: tuple[int, int]
+    zero_image: dict[int, Tensor] = field(default_factory=dict)  # block → (h, w, D)

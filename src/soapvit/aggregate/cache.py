@@ -3,8 +3,8 @@
 Per image (and per augmentation view) the cache keeps the chosen block's prefix tokens
 ``(P, D)`` and patch tokens ``(N, D)`` in float16. It is a folder named by a key that hashes
 everything the tokens depend on: model id, a digest of the backbone's weights, image size, block,
-final norm, views and their seed, the data selection, and the SOAP head when it changes the
-cached tokens (a head applied at an earlier block). Parts of ``part_size`` images are written as
+final norm, views and their seed, the data selection, and the corrections that change the cached
+tokens (those in the forward pass, by the head rule). Parts of ``part_size`` images are written as
 they finish (atomically), so an interrupted run resumes where it stopped. Under torchrun each
 process encodes its share of a part, every rank receives the whole part, rank 0 writes it.
 """
@@ -15,6 +15,7 @@ import hashlib
 import json
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,6 @@ from ..errors import SoapvitError
 from ..features import iter_tokens
 from ..runlog import Progress
 from ..safetensors_io import read_safetensors
-from ..soap import SoapHead
 
 CACHE_FORMAT = "soapvit-probe-cache/2"
 
@@ -61,31 +61,33 @@ class TokenCache:
 
 
 def cache_key(backbone: Backbone, data: LabelledImages, *, image_size: int, block: int, norm: bool, views: int,
-              seed: int, head: SoapHead | None) -> dict:
+              seed: int, inside: Mapping) -> dict:
     """Everything the cached tokens depend on (the folder name is its hash)."""
     return {"format": CACHE_FORMAT, "model_id": backbone.model_id, "weights": backbone.weights_digest(),
             "image_size": image_size, "block": block, "norm": norm, "views": views,
             "seed": seed if views > 1 else None, "data": data.fingerprint(),
-            "head": None if head is None else head.digest()}
+            "corrections": {name: c.digest() for name, c in inside.items()} or None}
 
 
 def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, block: int = -1, norm: bool = True,
-                  views: int = 1, seed: int = 0, head: SoapHead | None = None, batch_size: int = 64,
+                  views: int = 1, seed: int = 0, corrections: Mapping | None = None, batch_size: int = 64,
                   cache_dir: str | Path | None = None, part_size: int = 1024, stage: str = "encoding",
                   num_workers: int | None = None, progress: Progress | None = None) -> dict[str, TokenCache]:
     """Tokens of ``block`` for every image of ``data`` (``views − 1`` augmented views each), read
     from ``cache_dir`` when present, else computed through the token pipeline (and written there
-    part by part). Returns ``{"original": …}`` plus ``"soap"`` with a head; ``meta["encode_seconds"]``
-    is the time spent encoding in this call.
+    part by part). Returns ``{"original": …}`` plus one cache per correction;
+    ``meta["encode_seconds"]`` is the time spent encoding in this call.
 
-    A head at ``block`` is a linear map of the cached tokens: the SOAP variant is computed from the
-    original cache (shared with runs without a head). A head at an earlier block changes the
-    tokens: both variants come from one pass and are cached under a key that includes the head.
+    A correction that maps the output at ``block`` is computed from the original cache (shared with
+    runs without corrections). The others change the tokens inside the forward pass: they come from
+    one pass with the original and are cached under a key that includes their digests.
     """
     block = backbone.resolve_blocks(block)[0]
-    inside = head if head is not None and head.apply_block < block else None
+    corrections = dict(corrections or {})
+    after = {n: c for n, c in corrections.items() if c.maps_output(backbone) and c.block_ == block}
+    inside = {n: c for n, c in corrections.items() if n not in after}
     key = cache_key(backbone, data, image_size=image_size, block=block, norm=norm, views=views, seed=seed,
-                    head=inside)
+                    inside=inside)
     folder = None
     if cache_dir is not None:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
@@ -107,11 +109,11 @@ def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, 
         else:
             t0 = time.perf_counter()
             rows: list[tuple[int, dict[str, Tensor]]] = []
-            for batch in iter_tokens(backbone, source, transform, blocks=block, head=inside, norm=norm,
+            for batch in iter_tokens(backbone, source, transform, blocks=block, corrections=inside, norm=norm,
                                      indices=range(start * views, stop * views), batch_size=batch_size,
                                      num_workers=num_workers, across_ranks=True):
                 encoded = {}
-                for variant, feats in batch.variants().items():
+                for variant, feats in batch.variants.items():
                     encoded[f"{variant}.prefix"] = feats.prefix[block].half().cpu()
                     encoded[f"{variant}.patches"] = feats.tokens[block].flatten(1, 2).half().cpu()
                 rows += [(index, {k: v[i].clone() for k, v in encoded.items()})
@@ -128,12 +130,12 @@ def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, 
     side = image_size // backbone.patch_size
     meta = dict(key, encode_seconds=encode_seconds, parts_from_cache=hits, parts=len(parts),
                 folder=str(folder) if folder else None)
-    variants = ["original", "soap"] if inside is not None else ["original"]
     caches = {v: TokenCache(torch.cat([p[f"{v}.prefix"] for p in parts]), torch.cat([p[f"{v}.patches"] for p in parts]),
-                            data.labels.clone(), views, (side, side), meta) for v in variants}
-    if head is not None and inside is None:
-        caches["soap"] = soap_corrected(caches["original"], head)
-    return caches
+                            data.labels.clone(), views, (side, side), meta) for v in ["original", *inside]}
+    for name, correction in after.items():
+        correction.prepare(backbone)
+        caches[name] = corrected(caches["original"], correction)
+    return {name: caches[name] for name in ["original", *corrections]}
 
 
 def _read_part(path: Path) -> dict[str, Tensor] | None:
@@ -145,9 +147,13 @@ def _read_part(path: Path) -> dict[str, Tensor] | None:
         return None
 
 
-def soap_corrected(cache: TokenCache, head: SoapHead, chunk: int = 2048) -> TokenCache:
-    """The cache with ``head.transform`` applied to every patch token (float32 math, float16 out)."""
+def corrected(cache: TokenCache, correction, chunk: int = 2048) -> TokenCache:
+    """The cache with ``correction.transform`` applied to every image's patch grid (float32 math,
+    float16 out)."""
     patches = torch.empty_like(cache.patches)
+    h, w = cache.grid
     for start in range(0, patches.shape[0], chunk):
-        patches[start : start + chunk] = head.transform(cache.patches[start : start + chunk].float()).half()
+        rows = cache.patches[start : start + chunk].float()
+        patches[start : start + chunk] = correction.transform(rows.reshape(-1, h, w, rows.shape[-1])).reshape(
+            rows.shape).half()
     return cache.with_patches(patches)

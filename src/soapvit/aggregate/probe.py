@@ -9,7 +9,7 @@ Images reach the backbone through the token pipeline (:mod:`soapvit.features`) i
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,7 +19,6 @@ from ..backbones.base import Backbone
 from ..data.labelled import LabelledImages
 from ..errors import SoapvitError
 from ..runlog import Progress, RunReport
-from ..soap import SoapHead
 from ..validation import COUNT, OPTIONAL_COUNT, POSITIVE, Options, check_each, validate
 from .cache import TokenCache, encode_images
 from .heads import ABMILP_CONSTRAINTS, POOLS, ProbeClassifier, make_pool
@@ -80,13 +79,13 @@ def pooled_features(pool_name: str, cache: TokenCache) -> Tensor:
 
 
 def run_probe(backbone: Backbone, train: LabelledImages, val: LabelledImages, *,
-              pools: Sequence[str] = POOLS, method: str = "linear", head: SoapHead | None = None,
+              pools: Sequence[str] = POOLS, method: str = "linear", corrections: Mapping | None = None,
               image_size: int | None = None, views: int = 1, config: ProbeConfig | None = None,
               abmilp: AbMILPConfig | None = None, knn_k: int = 20, knn_temperature: float = 0.07, cache_dir=None,
               batch_size: int = 64, num_workers: int | None = None, progress: Progress | None = None) -> ProbeReport:
-    """Probe ``backbone`` (frozen, last block) on ``train``→``val`` for every pool in ``pools``; with
-    a head, also on the SOAP-corrected tokens (see :func:`~.cache.encode_images` for where the head
-    applies)."""
+    """Probe ``backbone`` (frozen, last block) on ``train``→``val`` for every pool in ``pools``, on the
+    original tokens and on each of ``corrections`` (checked against the backbone by the caller; see
+    :func:`~.cache.encode_images` for which come from the original pass)."""
     start_time = time.perf_counter()
     config = config or ProbeConfig()
     abmilp = abmilp or AbMILPConfig()
@@ -100,9 +99,7 @@ def run_probe(backbone: Backbone, train: LabelledImages, val: LabelledImages, *,
     size = image_size or backbone.image_size
     if size % backbone.patch_size:
         raise SoapvitError(f"--image-size {size} is not a multiple of the patch size {backbone.patch_size}")
-    if head is not None:
-        head.check_backbone(backbone, allow_other=True)
-    common = dict(image_size=size, head=head, batch_size=batch_size, cache_dir=cache_dir, num_workers=num_workers,
+    common = dict(image_size=size, corrections=corrections, batch_size=batch_size, cache_dir=cache_dir, num_workers=num_workers,
                   progress=progress)
     train_caches = encode_images(backbone, train, views=views, seed=config.seed, stage="encoding train", **common)
     val_caches = encode_images(backbone, val, stage="encoding val", **common)
@@ -131,8 +128,8 @@ def run_probe(backbone: Backbone, train: LabelledImages, val: LabelledImages, *,
     train_cache = train_caches["original"]
     settings = {"probe": asdict(config), "abmilp": asdict(abmilp), "method": method, "knn_k": knn_k,
                 "knn_temperature": knn_temperature, "views": views, "n_train": len(train), "n_val": len(val),
-                "head": None if head is None else {"backbone": head.metadata.get("backbone"),
-                                                   "apply_block": head.apply_block},
+                "variants": {name: {"method": c.method, "params": c.get_params(), "block": c.block_}
+                             for name, c in (corrections or {}).items()},
                 "train": train.identity | {"files": len(train.identity.get("files", []))},
                 "val": val.identity | {"files": len(val.identity.get("files", []))},
                 "cache_parts": sum(m["parts"] for m in {m["folder"] or id(m): m for m in metas}.values()),

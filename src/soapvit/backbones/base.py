@@ -171,6 +171,12 @@ class Backbone(nn.Module):
         """The transformer blocks, in order (for hooks); sources that can, override this."""
         raise SoapvitError(f"{self.model_id} does not expose its blocks (needed for --block-features branch)")
 
+    def mlp_activation_modules(self) -> Sequence[nn.Module]:
+        """Per block, the module whose output is the MLP's hidden activation ``(B, P + h*w, H)``
+        (after the non-linearity, before the second linear layer): the edit point of test-time
+        registers. Sources that can, override this."""
+        raise SoapvitError(f"{self.model_id} does not expose its MLP activations (needed for test-time registers)")
+
     def _run_branches(self, pixels, blocks, keys, attentions, edits) -> RawOutput:
         """One pass whose ``hidden[b]`` is block ``b``'s MLP-branch output (block output minus the
         input of the norm in front of its MLP)."""

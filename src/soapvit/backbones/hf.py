@@ -42,6 +42,11 @@ LAYER_PATHS = ("layers", "encoder.layer", "encoder.layers", "model.layer", "mode
                "vision_model.encoder.layers")
 FINAL_NORMS = ("layernorm", "norm", "post_layernorm", "vision_model.post_layernorm")
 KEY_MODULE = re.compile(r"(^|\.)(key|k_proj)$")
+# the MLP's non-linearity, across families and transformers versions; a gated MLP has no module
+# whose output is its hidden activation
+MLP_OWNERS = ("mlp", "intermediate")
+ACTIVATION_NAMES = ("activation_fn", "activation", "act_fn", "act", "intermediate_act_fn")
+GATED_NAMES = ("gate_proj", "weights_in")
 
 
 def _first(value) -> int:
@@ -73,6 +78,24 @@ def _key_projection(block: nn.Module) -> nn.Linear | None:
         if KEY_MODULE.search(name) and isinstance(module, nn.Linear):
             return module
     return None
+
+
+def _mlp_activation(block: nn.Module, index: int) -> nn.Module:
+    for owner in (getattr(block, name, None) for name in MLP_OWNERS):
+        if owner is None:
+            continue
+        if any(hasattr(owner, name) for name in GATED_NAMES):
+            raise SoapvitError(f"block {index} has a gated MLP ({type(owner).__name__}): no module outputs its "
+                               "hidden activation")
+        for name in ACTIVATION_NAMES:
+            act = getattr(owner, name, None)
+            if act is None:
+                continue
+            if not isinstance(act, nn.Module):
+                raise SoapvitError(f"block {index}: the MLP activation {type(owner).__name__}.{name} is a plain "
+                                   "function, not a module, so it cannot be hooked")
+            return act
+    raise SoapvitError(f"cannot find the MLP activation of block {index} ({type(block).__name__})")
 
 
 def _edit_output(out, fn):
@@ -143,6 +166,15 @@ class HFBackbone(Backbone):
 
     def block_modules(self):
         return self.blocks
+
+    def mlp_activation_modules(self):
+        try:
+            acts = [_mlp_activation(block, i) for i, block in enumerate(self.blocks)]
+        except SoapvitError as err:
+            raise SoapvitError(f"{self.model_id}: {err}") from None
+        if len({id(a) for a in acts}) < len(acts):
+            raise SoapvitError(f"{self.model_id}: blocks share one MLP activation module (not hookable per block)")
+        return acts
 
     def _run(self, pixels: Tensor, blocks, norm: bool, keys: bool, attentions, edits) -> RawOutput:
         captured: dict[int, Tensor] = {}

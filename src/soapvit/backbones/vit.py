@@ -111,8 +111,12 @@ class Block(nn.Module):
         x = x + attended
         return x + self.mlp(self.norm2(x)), keys, probs
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.forward_inspect(x, context)[0]
+    def forward(self, x: Tensor, context: Tensor | None = None, *, with_probs: bool = False,
+                inspect: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor | None]:
+        """The output; with ``inspect`` the triple of :meth:`forward_inspect` (called as a module,
+        so that hooks on the block see the pass)."""
+        out = self.forward_inspect(x, context, with_probs=with_probs)
+        return out if inspect else out[0]
 
 
 def resample_position_embedding(pos: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -197,6 +201,9 @@ class VisionTransformerBackbone(Backbone):
     def block_modules(self):
         return self.vit.blocks
 
+    def mlp_activation_modules(self):
+        return [block.mlp.act for block in self.vit.blocks]
+
     def _run(self, pixels, blocks, norm, keys, attentions, edits) -> RawOutput:
         vit = self.vit
         x = vit.embed_patches(pixels)
@@ -206,7 +213,7 @@ class VisionTransformerBackbone(Backbone):
         last = final if keys else max(wanted | attn_ids | set(edits))
         hidden, maps, key_seq = {}, {}, None
         for i, block in enumerate(vit.blocks[: last + 1]):
-            x, block_keys, probs = block.forward_inspect(x, with_probs=i in attn_ids)
+            x, block_keys, probs = block(x, with_probs=i in attn_ids, inspect=True)
             if i in edits:
                 x = edits[i](x)
             if probs is not None:

@@ -19,7 +19,8 @@ from ..errors import SoapvitError
 from . import console, report
 
 ModelOpt = Annotated[str, typer.Option(help="Backbone id: hf:<repo|dir>, timm:<name>, zoo:<name>.")]
-HeadOpt = Annotated[Path | None, typer.Option(help="SOAP head file: also evaluate corrected tokens (same pass).")]
+HeadOpt = Annotated[Path | None, typer.Option(help="Corrections file from soapvit fit: also score its variants.")]
+VariantsOpt = Annotated[str | None, typer.Option(help="Comma list of the file's corrections to score (default: all).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: auto).")]
 OutOpt = Annotated[Path | None, typer.Option(help="Write the results as JSON here.")]
 AllowOtherOpt = Annotated[bool, typer.Option(
@@ -92,10 +93,27 @@ def join_launcher(device):
     return device
 
 
-def load_head(path: Path | None):
-    from ..soap import SoapHead
+def load_corrections(path: Path | None, variants: str | None = None):
+    """The corrections of a file (those named in ``variants``, a comma list), or None."""
+    from ..corrections import CorrectionSet
 
-    return None if path is None else SoapHead.load(path)
+    if path is None:
+        if variants:
+            raise SoapvitError("--variants needs --head (the corrections file)")
+        return None
+    names = None if variants is None else [v.strip() for v in variants.split(",") if v.strip()]
+    return CorrectionSet.load(path).select(names)
+
+
+def corrections_for(model: str, head_path: Path | None, variants: str | None, device: str | None,
+                    allow_other: bool):
+    """Load the corrections first (cheap), then the backbone, and check that they belong together
+    (the one backbone check). Returns ``(backbone, corrections or None)``."""
+    corrections = load_corrections(head_path, variants)
+    backbone = load_backbone(model, device)
+    if corrections is not None:
+        corrections.check_backbone(backbone, allow_other=allow_other)
+    return backbone, corrections
 
 
 class RichProgress:
@@ -137,18 +155,31 @@ def print_log(result) -> None:
             say(f"  … and {len(lines) - 10} more (all listed in the output file)")
 
 
-def print_side_by_side(title: str, results: dict[str, dict], columns: list[tuple[str, str]]) -> None:
-    """One row per variant, plus the SOAP − original difference."""
+def print_side_by_side(title: str, results: dict[str, dict], columns: list[tuple[str, str]],
+                       intervals: dict[str, dict] | None = None, passes: dict[str, str] | None = None) -> None:
+    """One row per variant with each metric (and whether it had its own forward pass); then, for
+    the corrected variants, the difference to the original with its paired 95 % interval."""
+    intervals, passes = intervals or {}, passes or {}
     table = Table(title=escape(title))
-    table.add_column("tokens")
+    table.add_column("variant")
     for _, label in columns:
         table.add_column(label, justify="right")
+    if passes:
+        table.add_column("pass")
     for variant, res in results.items():
-        table.add_row(variant, *(f"{res[key]:.2f}" if isinstance(res[key], float) else str(res[key]) for key, _ in columns))
-    if "original" in results and "soap" in results:
-        table.add_row("Δ (SOAP − original)", *(
-            f"{results['soap'][k] - results['original'][k]:+.2f}" if isinstance(results["original"][k], float) else ""
-            for k, _ in columns))
+        cells = [f"{res[key]:.2f}" if isinstance(res[key], float) else str(res[key]) for key, _ in columns]
+        table.add_row(escape(variant), *cells, *([passes.get(variant.split("/")[0], "")] if passes else []))
+    report.print(table)
+    keys = [(key, label) for key, label in columns if any(key in i for i in intervals.values())]
+    if not keys:
+        return
+    table = Table(title="Δ to original [95% CI, paired bootstrap over images]")
+    table.add_column("variant")
+    for _, label in keys:
+        table.add_column(f"Δ{label}", justify="right")
+    for variant, ci in intervals.items():
+        table.add_row(escape(variant), *(f"{ci[k]['delta']:+.2f} [{ci[k]['low']:+.2f}, {ci[k]['high']:+.2f}]"
+                                         for k, _ in keys))
     report.print(table)
 
 

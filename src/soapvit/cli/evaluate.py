@@ -1,4 +1,5 @@
-"""``soapvit eval tokencut`` and ``soapvit eval knnseg``: original and SOAP side by side."""
+"""``soapvit eval tokencut`` and ``soapvit eval knnseg``: every variant of a corrections file beside
+the original tokens, with paired intervals."""
 
 from __future__ import annotations
 
@@ -6,20 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import eval_app, report
-from .common import (AllowOtherOpt, DeviceOpt, HeadOpt, ModelOpt, OutOpt, RichProgress, ThreadsOpt, check_writable,
-                     load_backbone, load_head, print_log, print_side_by_side, say, set_threads, write_json)
-
-
-def backbone_and_head(model: str, head_path: Path | None, device: str | None, allow_other: bool):
-    """Load the head first (cheap), then the backbone, and check that they belong together."""
-    head = load_head(head_path)
-    backbone = load_backbone(model, device)
-    if head is not None:
-        head.check_backbone(backbone, allow_other=allow_other)
-    return backbone, head
+from .common import (AllowOtherOpt, DeviceOpt, HeadOpt, ModelOpt, OutOpt, RichProgress, ThreadsOpt, VariantsOpt,
+                     check_writable, corrections_for, print_log, print_side_by_side, say, set_threads, write_json)
 
 
 @eval_app.command("tokencut")
@@ -28,6 +21,7 @@ def tokencut_command(
     images: Annotated[Path, typer.Option(help="Folder of images (ECSSD, DUTS-TE, DUT-OMRON …).")],
     masks: Annotated[Path | None, typer.Option(help="Folder of masks matched by stem (default: a sibling masks/, gt/ … folder).")] = None,
     head: HeadOpt = None,
+    variants: VariantsOpt = None,
     features: Annotated[str, typer.Option(help="tokens (final-norm output tokens, SOAP's evaluation) or keys (last-block keys, TokenCut).")] = "tokens",
     tau: Annotated[float | None, typer.Option(help="Affinity threshold τ (default 0.3 for tokens, 0.2 for keys).")] = None,
     eps: Annotated[float, typer.Option(help="Weight of non-edges.")] = 1e-5,
@@ -42,7 +36,7 @@ def tokencut_command(
     out: OutOpt = None,
     allow_other_backbone: AllowOtherOpt = False,
     threads: ThreadsOpt = 1,
-    save_masks: Annotated[Path | None, typer.Option(help="Save the scored masks as PNG named by image stem (SOAP in soap/).")] = None,
+    save_masks: Annotated[Path | None, typer.Option(help="Save the scored masks as PNG named by image stem (each variant in a subfolder named after it).")] = None,
     figure: Annotated[Path | None, typer.Option(help="Comparison figure (default with --head and --out: next to the JSON).")] = None,
 ) -> None:
     """TokenCut salient-object segmentation: maxFβ, IoU, accuracy (percent)."""
@@ -57,9 +51,9 @@ def tokencut_command(
     dataset = SaliencyDataset.from_folders(images, masks, limit=limit)
     for path in (out, figure):
         check_writable(path)
-    backbone, soap_head = backbone_and_head(model, head, device, allow_other_backbone)
+    backbone, corrections = corrections_for(model, head, variants, device, allow_other_backbone)
     with RichProgress() as progress:
-        result = evaluate_tokencut(backbone, dataset, head=soap_head, config=config, save_masks=save_masks,
+        result = evaluate_tokencut(backbone, dataset, corrections=corrections, config=config, save_masks=save_masks,
                                    progress=progress)
     result.settings.update(head=str(head) if head else None, images=str(images))
     print_log(result)
@@ -69,12 +63,13 @@ def tokencut_command(
     if config.bilateral:
         print_side_by_side(name + ", no solver", {v.split("/")[0]: r for v, r in result.results.items() if "/" in v},
                            columns)
-    print_side_by_side(name + (", bilateral solver" if config.bilateral else ""), final, columns)
+    print_side_by_side(name + (", bilateral solver" if config.bilateral else ""), final, columns, result.intervals,
+                       result.passes)
     seconds = result.seconds
     say(f"{result.images_per_second:.2f} images/s ({seconds['total']:.0f} s: reading and encoding "
         f"{seconds['read_and_encode']:.0f} s, TokenCut {seconds['tokencut']:.0f} s, bilateral {seconds['bilateral']:.0f} s)")
     write_json(out, result.to_dict())
-    if figure is None and soap_head is not None and out is not None:
+    if figure is None and corrections and out is not None:
         figure = out.with_name(out.stem + "_masks.png")
     if figure is not None and result.examples and distributed.is_main():
         say(f"wrote {plot_mask_comparison(result.examples, figure)}")
@@ -86,6 +81,7 @@ def knnseg_command(
     train: Annotated[Path, typer.Option(help="Training split: images/+labels/ folder, ADE20K images/<split>, or VOC ImageSets/Segmentation/<split>.txt.")],
     val: Annotated[Path, typer.Option(help="Evaluation split, same layouts.")],
     head: HeadOpt = None,
+    variants: VariantsOpt = None,
     k: Annotated[int, typer.Option(help="Neighbours per query patch.")] = 30,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the vote.")] = 0.02,
     upsample: Annotated[str, typer.Option(help="Upsampling of class scores: nearest or bilinear.")] = "nearest",
@@ -111,21 +107,22 @@ def knnseg_command(
     train_split = SegmentationSplit.open(train, layout=layout, ignore_index=ignore_index, what="--train")
     val_split = SegmentationSplit.open(val, layout=layout, ignore_index=ignore_index, what="--val")
     check_writable(out)
-    backbone, soap_head = backbone_and_head(model, head, device, allow_other_backbone)
+    backbone, corrections = corrections_for(model, head, variants, device, allow_other_backbone)
     with RichProgress() as progress:
-        result = evaluate_knnseg(backbone, train_split, val_split, head=soap_head, config=config, progress=progress)
+        result = evaluate_knnseg(backbone, train_split, val_split, corrections=corrections, config=config,
+                                 progress=progress)
     result.settings.update(head=str(head) if head else None, train=str(train), val=str(val))
     print_log(result)
     print_side_by_side(f"kNN segmentation {train} → {val} — {model}, k={k}, T={temperature}", result.results,
-                       [("miou", "mIoU"), ("acc", "pixel acc")])
-    if "soap" in result.results:
+                       [("miou", "mIoU"), ("acc", "pixel acc")], result.intervals, result.passes)
+    if len(result.results) > 1:
         table = Table(title="IoU per class")
         table.add_column("class")
-        for col in ("original", "SOAP", "Δ"):
-            table.add_column(col, justify="right")
-        for name, value in result.results["original"]["per_class_iou"].items():
-            soap = result.results["soap"]["per_class_iou"].get(name, float("nan"))
-            table.add_row(name, f"{value:.2f}", f"{soap:.2f}", f"{soap - value:+.2f}")
+        for variant in result.results:
+            table.add_column(escape(variant), justify="right")
+        for name in result.results["original"]["per_class_iou"]:
+            table.add_row(escape(name), *(f"{r['per_class_iou'].get(name, float('nan')):.2f}"
+                                          for r in result.results.values()))
         report.print(table)
     say(f"bank {result.bank_size} patches; {result.patches_per_second:.0f} query patches/s in the search; "
         f"{result.seconds['total']:.0f} s in all")

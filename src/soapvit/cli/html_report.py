@@ -29,7 +29,7 @@ def report_command(
     components, token maps and evaluation tables."""
     from ..data.images import list_images
     from ..report import write_report
-    from ..soap import SoapHead
+    from ..corrections.soap import SoapHead
 
     loaded = [SoapHead.load(h) for h in heads]
     labels = head_labels([h.metadata.get("backbone", p.stem) for h, p in zip(loaded, heads)], heads)

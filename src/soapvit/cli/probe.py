@@ -12,8 +12,8 @@ from rich.table import Table
 
 from ..errors import SoapvitError
 from . import app, report
-from .common import (AllowOtherOpt, DeviceOpt, ModelOpt, RichProgress, ThreadsOpt, check_writable, load_backbone,
-                     load_head, say, set_threads, write_json)
+from .common import (AllowOtherOpt, DeviceOpt, HeadOpt, ModelOpt, RichProgress, ThreadsOpt, VariantsOpt,
+                     check_writable, corrections_for, load_backbone, say, set_threads, write_json)
 
 DATA_HELP = ("DIR or DIR:SPLIT — tar shards DIR/SPLIT-*.tar[.gz] (e.g. ../shared/data/tiny-imagenet), or an "
              "ImageFolder with one sub-folder per class (in DIR/SPLIT if it exists).")
@@ -37,7 +37,8 @@ def probe_command(
     val: Annotated[str, typer.Option(help="Validation data (default split 'val'), same forms as --train.")],
     pool: Annotated[str, typer.Option(help="Comma list of pools: cls, mean, abmilp.")] = "cls,mean,abmilp",
     method: Annotated[str, typer.Option(help="linear (trained BN+linear head) or knn (cls/mean only).")] = "linear",
-    head: Annotated[Path | None, typer.Option(help="SOAP head file: also probe the SOAP-corrected tokens.")] = None,
+    head: HeadOpt = None,
+    variants: VariantsOpt = None,
     image_size: Annotated[int | None, typer.Option(help="Square input size (default: the model's).")] = None,
     per_class: Annotated[int | None, typer.Option(help="Use the first N training images of each class.")] = None,
     val_per_class: Annotated[int | None, typer.Option(help="Use the first N validation images of each class.")] = None,
@@ -76,15 +77,12 @@ def probe_command(
     if method not in ("linear", "knn"):
         raise SoapvitError(f"--method must be one of linear, knn, not {method!r}")
     check_writable(out)
-    soap_head = load_head(head)
     train_data = load_labelled(train, "train", per_class=per_class, what="--train")
     val_data = load_labelled(val, "val", per_class=val_per_class, what="--val")
-    backbone = load_backbone(model, device)
-    if soap_head is not None:
-        soap_head.check_backbone(backbone, allow_other=allow_other_backbone)
+    backbone, corrections = corrections_for(model, head, variants, device, allow_other_backbone)
     say(f"{model}: {len(train_data)} train / {len(val_data)} val images, {train_data.num_classes} classes")
     with RichProgress() as progress:
-        run = run_probe(backbone, train_data, val_data, pools=pools, method=method, head=soap_head,
+        run = run_probe(backbone, train_data, val_data, pools=pools, method=method, corrections=corrections,
                         image_size=image_size, views=views, config=config, abmilp=abmilp, knn_k=knn_k,
                         cache_dir=None if no_cache else cache_dir, batch_size=batch_size, progress=progress)
     run.settings["head"] = str(head) if head else None

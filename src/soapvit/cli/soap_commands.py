@@ -30,23 +30,24 @@ def parse_mu(value: str) -> float | None:
 def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, blocks="all", apply_block=-1,
             image_size=None, batch_size=32, device=None, seed=0, variant="reference", weighting=None,
             mu="2", tau=0.05, remove="", generator="mixture", cache_gb=8.0, block_features="residual", threads=None,
-            checkpoint=None, checkpoint_every=100):
-    """Check every argument, then load, fit, save; returns ``(backbone, head, report)``.
+            checkpoint=None, checkpoint_every=100, methods="soap", calibration_images=256):
+    """Check every argument, then load, fit, save; returns ``(backbone, corrections, report)``.
 
     ``remove`` lists principal components by their 1-based number (``PC3`` → 3), as ``inspect``
     prints them. Under torchrun every rank fits its share; rank 0 writes the head."""
     from .. import distributed
     from ..data.sources import open_images
-    from ..fitting import FIT_CONSTRAINTS, fit
-    from ..soap import SoapConfig
+    from ..corrections import SoapConfig
+    from ..fitting import FIT_CONSTRAINTS, fit, resolve_methods
     from ..validation import validate
 
     if threads is not None:
         set_threads(threads)
     validate({"limit": limit, "synthetic": synthetic, "image_size": image_size, "batch_size": batch_size,
               "cache_gb": cache_gb, "generator": generator, "seed": seed, "block_features": block_features,
-              "checkpoint_every": checkpoint_every},
+              "checkpoint_every": checkpoint_every, "calibration_images": calibration_images},
              FIT_CONSTRAINTS)
+    method_names = resolve_methods(methods)
     pcs = parse_int_list(remove, "--remove")
     if any(pc < 1 for pc in pcs):
         raise SoapvitError(f"--remove lists principal components from 1 (PC1 = largest variance), not {remove!r}")
@@ -63,14 +64,15 @@ def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, 
         raise SoapvitError(f"--remove {max(pcs)}: {model} has {backbone.embed_dim} components (PC1 to "
                            f"PC{backbone.embed_dim})")
     with RichProgress() as progress:
-        head, result = fit(backbone, source, synthetic=synthetic, generator=generator, blocks=block_selection,
-                           apply_block=apply_block, image_size=image_size, batch_size=batch_size,
-                           device=backbone.device, seed=seed, config=config, cache_gb=cache_gb,
-                           block_features=block_features, checkpoint=checkpoint,
-                           checkpoint_every=checkpoint_every, progress=progress)
+        corrections, result = fit(backbone, source, synthetic=synthetic, generator=generator, blocks=block_selection,
+                                  apply_block=apply_block, image_size=image_size, batch_size=batch_size,
+                                  device=backbone.device, seed=seed, config=config, methods=method_names,
+                                  calibration_images=calibration_images, cache_gb=cache_gb,
+                                  block_features=block_features, checkpoint=checkpoint,
+                                  checkpoint_every=checkpoint_every, progress=progress)
     if distributed.is_main():
-        head.save(out)
-    return backbone, head, result
+        corrections.save(out)
+    return backbone, corrections, result
 
 
 @app.command("fit")
@@ -90,7 +92,7 @@ def fit_command(
     seed: Annotated[int, typer.Option(help="Seed of the synthetic images.")] = 0,
     variant: Annotated[str, typer.Option(help="reference (authors' code) or paper (project page).")] = "reference",
     weighting: Annotated[str | None, typer.Option(help="reference, paper, si or manual (default: the variant).")] = None,
-    mu: Annotated[str, typer.Option(help="Cut-off μ, or 'auto' (= number of components with SI > 0.75).")] = "2",
+    mu: Annotated[str, typer.Option(help="Cut-off μ, or 'auto' (= number of components with SI ≥ 0.75).")] = "2",
     tau: Annotated[float, typer.Option(help="Sigmoid temperature τ.")] = 0.05,
     remove: Annotated[str, typer.Option(help="Manual truncation: comma list of principal components to remove, "
                                              "numbered from 1 as inspect prints them (PC3 → 3).")] = "",
@@ -103,30 +105,42 @@ def fit_command(
     checkpoint: Annotated[Path | None, typer.Option(
         help="Folder for resumable state: rerunning the same command continues from it.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save the state every N batches.")] = 100,
+    methods: Annotated[str, typer.Option(
+        help="Corrections to fit from the same passes: all, or a comma list of soap, posmean, blank, zero-subspace, "
+             "top-pc, position-pc, high-norm, registers.")] = "soap",
+    calibration_images: Annotated[int, typer.Option(
+        help="Real images of the calibration pass of a method that needs one (registers).")] = 256,
 ) -> None:
-    """Fit a SOAP head: PCA of patch tokens, SI scores, projector (torchrun: on several processes)."""
-    _, head, result = run_fit(model, images, out, limit=limit, synthetic=synthetic, blocks=blocks,
+    """Fit a SOAP head (and, with --methods, its alternatives): PCA of patch tokens, SI scores,
+    projector (torchrun: on several processes)."""
+    _, corrections, result = run_fit(model, images, out, limit=limit, synthetic=synthetic, blocks=blocks,
                               apply_block=apply_block, image_size=image_size, batch_size=batch_size,
                               device=device, seed=seed, variant=variant, weighting=weighting, mu=mu, tau=tau,
                               remove=remove, generator=generator, cache_gb=cache_gb, block_features=block_features,
-                              threads=threads, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+                              threads=threads, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                                     methods=methods, calibration_images=calibration_images)
     print_log(result)
+    head = corrections.soap
     say(f"fitted {len(head.blocks)} block(s) on {result.n_real} real + {result.n_synthetic} synthetic "
         f"images in {result.seconds['total']:.1f} s ({result.images_per_second:.1f} images/s) → {out}")
+    say(f"corrections in the file: {', '.join(corrections)}")
     print_findings(head)
 
 
 def print_findings(head) -> None:
-    """Per block: max SI, how many components are above 0.75, which ones the head removes."""
+    """Per block: max SI, how many components have high SI, which ones the head removes."""
+    from ..corrections.soap import REMOVED_WEIGHT, SI_THRESHOLD, high_si, removed
+
     table = Table(title=escape(f"semantic invariance — {head.metadata.get('backbone', '')}"))
-    for col in ("block", "max SI", "at PC", "its variance from position", "# SI > 0.75", "removed (weight > 0.5)"):
+    for col in ("block", "max SI", "at PC", "its variance from position", f"# SI ≥ {SI_THRESHOLD}",
+                f"removed (weight > {REMOVED_WEIGHT})"):
         table.add_column(col, justify="right")
     for b, d in sorted(head.blocks.items()):
         top = int(d.si.argmax())
-        removed = [f"PC{c + 1}:{d.weights[c]:.2f}" for c in (d.weights > 0.5).nonzero().flatten().tolist()]
+        cut = [f"PC{c + 1}:{d.weights[c]:.2f}" for c in removed(d.weights)]
         marker = " ←" if b == head.apply_block else ""
         table.add_row(f"{b}{marker}", f"{d.si.max():.3f}", f"PC{top + 1}", f"{d.position_share[top]:.0%}",
-                      str(int((d.si > 0.75).sum())), " ".join(removed) or "-")
+                      str(high_si(d.si).numel()), " ".join(cut) or "-")
     report.print(table)
 
 
@@ -136,7 +150,7 @@ def inspect_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print eigenvalues, SI and weights as JSON.")] = False,
 ) -> None:
     """Per block, the SI and weight of every component in descending-eigenvalue order."""
-    from ..soap import SoapHead
+    from ..corrections.soap import SoapHead
 
     head = SoapHead.load(head_file)
     if as_json:
@@ -167,7 +181,7 @@ def plot_command(
     """SI curves, max SI per block, response maps, and PCA/component maps before and after."""
     from ..data.images import list_images
     from ..plots import plot_max_si_per_block, plot_si_curves, render_head_figures
-    from ..soap import SoapHead
+    from ..corrections.soap import SoapHead
 
     loaded = [SoapHead.load(h) for h in heads]
     labels = [h.metadata.get("backbone", p.stem) for h, p in zip(loaded, heads)]
@@ -209,15 +223,19 @@ def demo_command(
     head_path = out / "head.safetensors"
     say(f"soapvit demo: {model} on {len(list(images.glob('*.jpg')))} bundled ImageNet images and as many synthetic "
         "non-semantic images")
-    backbone, head, result = run_fit(model, images, head_path, batch_size=batch_size, device=device, threads=threads)
+    from ..corrections.soap import SI_THRESHOLD, high_si, removed
+
+    backbone, corrections, result = run_fit(model, images, head_path, batch_size=batch_size, device=device,
+                                            threads=threads)
+    head = corrections.soap
     say(f"fitted {len(head.blocks)} blocks in {result.seconds['total']:.0f} s → {head_path}")
     print_findings(head)
     d = head.blocks[head.apply_block]
-    high = (d.si > 0.75).nonzero().flatten().tolist()
-    say(f"Last block: {len(high)} component(s) with SI > 0.75 "
+    high = high_si(d.si).tolist()
+    say(f"Last block: {len(high)} component(s) with SI ≥ {SI_THRESHOLD} "
         f"({', '.join(f'PC{c + 1} SI {d.si[c]:.3f}, {d.position_share[c]:.0%} of its variance from position' for c in high) or 'none'}). "
         "They respond alike on real and on synthetic images, i.e. they carry no semantics; "
-        f"the head removes {', '.join(f'PC{c + 1}' for c in (d.weights > 0.5).nonzero().flatten().tolist()) or 'nothing'}.")
+        f"the head removes {', '.join(f'PC{c + 1}' for c in removed(d.weights)) or 'nothing'}.")
     for p in render_head_figures(head, out, backbone, sorted(images.glob("*.jpg"))[:4]):
         say(f"wrote {p}")
     page = write_report({model: head}, out / "report.html", images=sorted(images.glob("*.jpg"))[:3],

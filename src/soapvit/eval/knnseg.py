@@ -1,4 +1,5 @@
-"""Per-patch kNN semantic segmentation (Hummingbird-style), original and SOAP from one pass.
+"""Per-patch kNN semantic segmentation (Hummingbird-style) of the original tokens and every
+correction's variant (one pass where a variant maps the output), with paired intervals.
 
 Memory bank: the L2-normalised patch tokens of the training images, each with a soft label
 (the class histogram of its pixels at model-input resolution, ignore label excluded; patches
@@ -15,7 +16,8 @@ uniformly at random (seeded) before they are encoded.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,9 +32,10 @@ from ..data.transforms import RESAMPLING, ImageTransform
 from ..errors import SoapvitError
 from ..features import TokenBatch, gather_log, iter_tokens
 from ..runlog import Progress, RunLog, RunReport
-from ..soap import SoapHead
 from ..validation import COUNT, OPTIONAL_COUNT, POSITIVE, Interval, Options, validate
+from .intervals import against_original, bootstrap_settings
 from .metrics import SegmentationMetrics, across_ranks
+from .variants import describe_variant, plan_variants
 
 UPSAMPLING = ("nearest", "bilinear")
 CONSTRAINTS = {
@@ -125,6 +128,9 @@ class MemoryBank:
 class KnnReport(RunReport):
     bank_size: int = 0
     n_queries: int = 0
+    intervals: dict = field(default_factory=dict)
+    per_image: dict = field(default_factory=dict)
+    passes: dict = field(default_factory=dict)
 
     kind = "knnseg"
 
@@ -136,7 +142,7 @@ class KnnReport(RunReport):
 
 def _normalised_variants(batch: TokenBatch, block: int) -> dict[str, Tensor]:
     return {v: F.normalize(f.tokens[block].reshape(-1, f.tokens[block].shape[-1]), dim=-1)
-            for v, f in batch.variants().items()}
+            for v, f in batch.variants.items()}
 
 
 def _labels_at_input(labels: np.ndarray, pixels: Tensor) -> np.ndarray:
@@ -145,7 +151,8 @@ def _labels_at_input(labels: np.ndarray, pixels: Tensor) -> np.ndarray:
                                                                       Image.Resampling.NEAREST))
 
 
-def build_memory_bank(backbone: Backbone, split: SegmentationSplit, config: KnnConfig, *, head: SoapHead | None = None,
+def build_memory_bank(backbone: Backbone, split: SegmentationSplit, config: KnnConfig, *,
+                      corrections: Mapping | None = None,
                       log: RunLog, num_workers: int | None = None, progress: Progress | None = None) -> MemoryBank:
     """Encode the training split once and keep (a sample of) its labelled patches, in dataset
     order; under torchrun each process encodes its share and the bank is gathered on every rank."""
@@ -170,8 +177,8 @@ def build_memory_bank(backbone: Backbone, split: SegmentationSplit, config: KnnC
     entries: list[tuple[int, tuple[Tensor, dict[str, Tensor]]]] = []
     block = backbone.num_blocks - 1
     keep_on = "cpu" if distributed.active() else backbone.device
-    for batch in iter_tokens(backbone, split, transform, blocks=block, head=head, batch_size=config.batch_size,
-                             num_workers=num_workers, positional_baseline=True, across_ranks=True, log=log,
+    for batch in iter_tokens(backbone, split, transform, blocks=block, corrections=corrections,
+                             batch_size=config.batch_size, num_workers=num_workers, across_ranks=True, log=log,
                              progress=progress, stage="memory bank"):
         per_variant = _normalised_variants(batch, block)
         n_patch = batch.original.tokens[block].shape[1] * batch.original.tokens[block].shape[2]
@@ -192,25 +199,27 @@ def build_memory_bank(backbone: Backbone, split: SegmentationSplit, config: KnnC
 
 
 def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: SegmentationSplit, *,
-                    head: SoapHead | None = None, config: KnnConfig | None = None, num_workers: int | None = None,
-                    progress: Progress | None = None) -> KnnReport:
-    """kNN segmentation of ``val`` with a bank from ``train``; with a head, also SOAP tokens (a head
-    at an earlier block is propagated through the later blocks) and the positional baseline
-    (:func:`~soapvit.features.subtract_position`), each with its own memory bank."""
+                    corrections: Mapping | None = None, config: KnnConfig | None = None,
+                    num_workers: int | None = None, progress: Progress | None = None) -> KnnReport:
+    """kNN segmentation of ``val`` with a bank from ``train``, for the original tokens and each of
+    ``corrections`` (name → fitted correction, checked against the backbone), each variant with
+    its own memory bank (a correction at an earlier block has its own pass)."""
     config = config or KnnConfig()
     if train.num_classes != val.num_classes:
         raise SoapvitError(f"--train has {train.num_classes} classes but --val has {val.num_classes}")
     log = RunLog()
     for path in train.missing + val.missing:
         log.skip(str(path), "no label map with this stem")
+    corrections, passes = plan_variants(corrections, backbone, reads_keys=False, log=log)
     start = time.perf_counter()
-    bank = build_memory_bank(backbone, train, config, head=head, log=log, num_workers=num_workers, progress=progress)
+    bank = build_memory_bank(backbone, train, config, corrections=corrections, log=log, num_workers=num_workers,
+                             progress=progress)
     seconds = {"bank": time.perf_counter() - start, "search": 0.0}
     metrics = {v: SegmentationMetrics(val.num_classes, val.ignore_index) for v in bank.features}
     block, done, n_queries = backbone.num_blocks - 1, 0, 0
-    for batch in iter_tokens(backbone, val, config.image_transform(backbone), blocks=block, head=head,
-                             batch_size=config.batch_size, num_workers=num_workers, positional_baseline=True,
-                             across_ranks=True, log=log, progress=progress, stage="kNN segmentation"):
+    for batch in iter_tokens(backbone, val, config.image_transform(backbone), blocks=block, corrections=corrections,
+                             batch_size=config.batch_size, num_workers=num_workers, across_ranks=True, log=log,
+                             progress=progress, stage="kNN segmentation"):
         b, h, w, _ = batch.original.tokens[block].shape
         for v, queries in _normalised_variants(batch, block).items():
             t0 = time.perf_counter()
@@ -218,20 +227,24 @@ def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: Segmentat
                               config.memory_mb).reshape(b, h, w, -1).permute(0, 3, 1, 2)
             seconds["search"] += time.perf_counter() - t0
             n_queries += queries.shape[0]
-            for i, lab in enumerate(batch.targets):
+            for i, (index, lab) in enumerate(zip(batch.indices, batch.targets)):
                 pred = upsample_scores(scores[i], lab.shape, config.upsample).argmax(0).cpu().numpy()
-                metrics[v].add(pred, lab)
+                metrics[v].add(pred, lab, index)
         done += len(batch.indices)
     seconds["total"] = time.perf_counter() - start
     metrics, log = across_ranks(metrics), gather_log(log)
     done, n_queries = distributed.all_reduce_sum(torch.tensor([done, n_queries])).tolist()
     if done == 0:
         raise SoapvitError(f"--val: no validation image could be read; first problems: {'; '.join(log.lines()[:3])}")
+    t0 = time.perf_counter()
+    intervals = against_original(metrics)
+    seconds["intervals"] = time.perf_counter() - t0
     return KnnReport(
         results={v: m.result(val.class_names) for v, m in metrics.items()},
         settings={**config.__dict__, "model": backbone.model_id, "device": str(backbone.device),
                   "layout": val.layout, "ignore_index": val.ignore_index, "n_train": len(train), "n_val": done,
-                  "head": None if head is None else {"backbone": head.metadata.get("backbone"),
-                                                     "apply_block": head.apply_block}},
-        log=log, seconds=seconds, bank_size=bank.size, n_queries=n_queries,
+                  "variants": {name: describe_variant(c) for name, c in corrections.items()},
+                  "bootstrap": bootstrap_settings()},
+        log=log, seconds=seconds, bank_size=bank.size, n_queries=n_queries, intervals=intervals,
+        per_image={v: m.per_image() for v, m in metrics.items()}, passes=passes,
     )

@@ -15,8 +15,9 @@ Ground truth: any non-zero pixel is foreground.
 Segmentation: a confusion matrix over labelled pixels (ignore index excluded); IoU per class
 with a non-empty union, mIoU their mean, pixel accuracy.
 
-Accumulators are sums, so the processes of a :mod:`torch.distributed` group each score their
-share and :func:`across_ranks` adds them up.
+Accumulators keep every image's scores by dataset index (so that variants can be compared image
+by image, :mod:`.intervals`); the processes of a :mod:`torch.distributed` group each score their
+share and :func:`across_ranks` merges them.
 """
 
 from __future__ import annotations
@@ -76,51 +77,58 @@ def salient_scores(prediction: np.ndarray, ground_truth: np.ndarray) -> ImageSco
 
 @dataclass
 class SalientMetrics:
-    """Accumulates :class:`ImageScores` over a dataset."""
+    """:class:`ImageScores` of a dataset by image index."""
 
-    iou_sum: float = 0.0
-    accuracy_sum: float = 0.0
-    f_sum: np.ndarray = field(default_factory=lambda: np.zeros(N_THRESHOLDS))
-    n_images: int = 0
+    scores: dict[int, ImageScores] = field(default_factory=dict)
 
-    def add(self, prediction: np.ndarray, ground_truth: np.ndarray) -> ImageScores:
+    def add(self, prediction: np.ndarray, ground_truth: np.ndarray, index: int | None = None) -> ImageScores:
+        """Score one image (``index``: its dataset index; default the next free one)."""
         scores = salient_scores(prediction, ground_truth)
-        self.iou_sum += scores.iou
-        self.accuracy_sum += scores.accuracy
-        self.f_sum += scores.f_curve
-        self.n_images += 1
+        self.scores[len(self.scores) if index is None else int(index)] = scores
         return scores
 
     def merge(self, other: SalientMetrics) -> SalientMetrics:
-        self.iou_sum += other.iou_sum
-        self.accuracy_sum += other.accuracy_sum
-        self.f_sum = self.f_sum + other.f_sum
-        self.n_images += other.n_images
+        self.scores.update(other.scores)
         return self
+
+    @property
+    def n_images(self) -> int:
+        return len(self.scores)
+
+    def arrays(self, indices=None) -> dict[str, np.ndarray]:
+        """Per-image ``iou``, ``acc`` ``(n,)`` and ``fbeta`` ``(n, 255)`` in index order (or ``indices``)."""
+        keys = sorted(self.scores) if indices is None else list(indices)
+        rows = [self.scores[i] for i in keys]
+        return {"iou": np.array([r.iou for r in rows]), "acc": np.array([r.accuracy for r in rows]),
+                "fbeta": np.array([r.f_curve for r in rows]).reshape(len(rows), N_THRESHOLDS)}
 
     def result(self) -> dict:
         """``{"maxFbeta", "iou", "acc", "n_images"}``, metrics in percent."""
-        n = max(self.n_images, 1)
-        return {
-            "maxFbeta": 100.0 * float((self.f_sum / n).max()) if self.n_images else 0.0,
-            "iou": 100.0 * self.iou_sum / n,
-            "acc": 100.0 * self.accuracy_sum / n,
-            "n_images": self.n_images,
-        }
+        if not self.scores:
+            return {"maxFbeta": 0.0, "iou": 0.0, "acc": 0.0, "n_images": 0}
+        a = self.arrays()
+        return {"maxFbeta": 100.0 * float(a["fbeta"].mean(0).max()), "iou": 100.0 * float(a["iou"].mean()),
+                "acc": 100.0 * float(a["acc"].mean()), "n_images": self.n_images}
+
+    def per_image(self) -> dict:
+        """Plain data to recompute every metric: image indices, IoU, accuracy and Fβ per threshold
+        (one number where an image's curve is flat, as it is for a binary mask)."""
+        keys = sorted(self.scores)
+        a = self.arrays(keys)
+        curves = [float(c[0]) if np.all(c == c[0]) else c.tolist() for c in a["fbeta"]]
+        return {"index": keys, "iou": a["iou"].tolist(), "acc": a["acc"].tolist(), "fbeta": curves}
 
 
 @dataclass
 class SegmentationMetrics:
-    """Confusion matrix of integer label maps; pixels labelled ``ignore_index`` are skipped."""
+    """Per-image true positives, false positives and false negatives per class of integer label
+    maps; pixels labelled ``ignore_index`` are skipped."""
 
     num_classes: int
     ignore_index: int | None = None
-    confusion: np.ndarray = field(init=False)
+    counts: dict[int, np.ndarray] = field(default_factory=dict)  # index → (C, 3) tp, fp, fn
 
-    def __post_init__(self) -> None:
-        self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
-
-    def add(self, prediction: np.ndarray, ground_truth: np.ndarray) -> None:
+    def add(self, prediction: np.ndarray, ground_truth: np.ndarray, index: int | None = None) -> None:
         if prediction.shape != ground_truth.shape:
             raise ValueError(f"prediction {prediction.shape} and labels {ground_truth.shape} sizes differ")
         gt = ground_truth.reshape(-1).astype(np.int64)
@@ -128,30 +136,48 @@ class SegmentationMetrics:
         keep = (gt >= 0) & (gt < self.num_classes)
         if self.ignore_index is not None:
             keep &= gt != self.ignore_index
-        flat = gt[keep] * self.num_classes + pred[keep]
-        self.confusion += np.bincount(flat, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
+        c = self.num_classes
+        confusion = np.bincount(gt[keep] * c + pred[keep], minlength=c * c).reshape(c, c)
+        tp = np.diag(confusion)
+        self.counts[len(self.counts) if index is None else int(index)] = np.stack(
+            [tp, confusion.sum(0) - tp, confusion.sum(1) - tp], axis=1)
 
     def merge(self, other: SegmentationMetrics) -> SegmentationMetrics:
-        self.confusion = self.confusion + other.confusion
+        self.counts.update(other.counts)
         return self
 
-    def per_class_iou(self) -> np.ndarray:
-        """IoU per class, NaN where the class is neither labelled nor predicted."""
-        tp = np.diag(self.confusion).astype(np.float64)
-        union = self.confusion.sum(0) + self.confusion.sum(1) - tp
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(union > 0, tp / union, np.nan)
+    @property
+    def n_images(self) -> int:
+        return len(self.counts)
+
+    def stacked(self, indices=None) -> np.ndarray:
+        """``(n, C, 3)`` per-image tp, fp, fn in index order (or ``indices``)."""
+        keys = sorted(self.counts) if indices is None else list(indices)
+        return np.stack([self.counts[i] for i in keys]) if keys else np.zeros((0, self.num_classes, 3), np.int64)
 
     def result(self, class_names: list[str] | None = None) -> dict:
         """``{"miou", "acc", "per_class_iou": {name: iou}}`` in percent (absent classes left out)."""
-        iou = self.per_class_iou()
+        total = self.stacked().sum(0)
+        iou = class_iou(total)
         names = class_names or [str(c) for c in range(self.num_classes)]
-        total = self.confusion.sum()
+        labelled = total[:, 0].sum() + total[:, 2].sum()
         return {
             "miou": 100.0 * float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0,
-            "acc": 100.0 * float(np.trace(self.confusion) / total) if total else 0.0,
+            "acc": 100.0 * float(total[:, 0].sum() / labelled) if labelled else 0.0,
             "per_class_iou": {names[c]: 100.0 * float(v) for c, v in enumerate(iou) if np.isfinite(v)},
         }
+
+    def per_image(self) -> dict:
+        """Plain data to recompute every metric: image indices and per-class ``[tp, fp, fn]``."""
+        keys = sorted(self.counts)
+        return {"index": keys, "tp_fp_fn": self.stacked(keys).tolist()}
+
+
+def class_iou(counts: np.ndarray) -> np.ndarray:
+    """IoU per class from summed ``(..., C, 3)`` tp, fp, fn; NaN where the union is empty."""
+    union = counts.sum(-1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, counts[..., 0] / union, np.nan)
 
 
 Metrics = TypeVar("Metrics", SalientMetrics, SegmentationMetrics)

@@ -1,4 +1,5 @@
-"""TokenCut over a salient-object dataset, original and SOAP-corrected features from one pass.
+"""TokenCut over a salient-object dataset: the original tokens and every correction's variant,
+from one pass where a variant maps the output, each scored per image with paired intervals.
 
 Images are grouped by input size so that every batch is one backbone forward and one batched
 TokenCut solve. Per image the patch mask is upsampled (nearest) to the original size, optionally
@@ -9,6 +10,7 @@ the mask. An unreadable image or mask is skipped with its reason; nothing else s
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,15 +24,15 @@ from ..data.transforms import MODES, RESAMPLING, ImageTransform
 from ..errors import SoapvitError
 from ..features import gather_log, iter_tokens
 from ..runlog import Progress, RunLog, RunReport
-from ..soap import SoapHead
 from ..validation import COUNT, OPTIONAL_COUNT, POSITIVE, Interval, Options, validate
 from .bilateral import BilateralParams, bilateral_solve
+from .intervals import against_original, bootstrap_settings
 from .metrics import SalientMetrics, across_ranks, salient_scores, to_uint8
 from .tokencut import tokencut_masks, upsample_nearest
+from .variants import describe_variant, plan_variants
 
 FEATURES = ("tokens", "keys")
 SOLVERS = ("lanczos", "eigh")
-VARIANT_ORDER = ("original", "soap", "positional")
 DEFAULT_TAU = {"tokens": 0.3, "keys": 0.2}  # SOAP's evaluation / TokenCut
 CONSTRAINTS = {
     "features": Options(FEATURES), "tau": Interval(float, 0, 1, open_low=True, open_high=True, optional=True),
@@ -77,8 +79,12 @@ class Example:
 
 @dataclass
 class TokenCutReport(RunReport):
-    """Metrics per variant (``original``, ``soap``; ``…/raw`` = before the solver when it is on)."""
+    """Metrics per variant (``original`` and one per correction; ``…/raw`` = before the solver
+    when it is on), per-image scores, and each variant's paired interval against ``original``."""
 
+    intervals: dict = field(default_factory=dict)
+    per_image: dict = field(default_factory=dict)
+    passes: dict = field(default_factory=dict)
     examples: list[Example] = field(default_factory=list)
 
     kind = "tokencut"
@@ -91,8 +97,8 @@ class TokenCutReport(RunReport):
 
 
 class _ExampleKeeper:
-    """Keeps the ``n`` images where original and SOAP masks differ most in IoU (the first ``n``
-    images without a head)."""
+    """Keeps the ``n`` images where the original mask and the first correction's differ most in
+    IoU (the first ``n`` images without a correction)."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -122,19 +128,17 @@ def evaluate_tokencut(
     backbone: Backbone,
     dataset: SaliencyDataset,
     *,
-    head: SoapHead | None = None,
+    corrections: Mapping | None = None,
     config: TokenCutConfig | None = None,
     save_masks: str | Path | None = None,
     n_examples: int = 4,
     num_workers: int | None = None,
     progress: Progress | None = None,
 ) -> TokenCutReport:
-    """Run TokenCut on every sample; with a head, also on SOAP-corrected features of the same pass
-    (a head at an earlier block is propagated through the later blocks, keys included).
-
-    With a head and output tokens, the positional baseline (tokens minus the per-position offset
-    the fit measured, :func:`~soapvit.features.subtract_position`) is scored too, as
-    ``positional``.
+    """Run TokenCut on every sample, for the original tokens and for each of ``corrections``
+    (name → fitted correction, already checked against the backbone): a correction at the last
+    block maps the output of the same pass, one at an earlier block (or one that edits the
+    forward pass) has its own pass. With ``--features keys`` the output maps are left out.
 
     Under torchrun each process scores its share of the images; metrics, examples and the log are
     merged across ranks (every rank returns the same report).
@@ -147,25 +151,22 @@ def evaluate_tokencut(
     log = RunLog()
     for path in dataset.missing:
         log.skip(str(path), "no mask with this stem")
-    if head is not None and config.features == "keys" and head.apply_block == block:
-        log.warn("a SOAP head at the last block changes output tokens, not attention keys: "
-                 "keys are evaluated original only")
-        head = None
+    corrections, passes = plan_variants(corrections, backbone, reads_keys=config.features == "keys", log=log)
+    compared = next(iter(corrections), None)
     metrics: dict[str, SalientMetrics] = {}
     keeper = _ExampleKeeper(n_examples)
     params = BilateralParams()
     seconds = {"read_and_encode": 0.0, "tokencut": 0.0, "bilateral": 0.0}
     start = time.perf_counter()
-    batches = iter_tokens(backbone, dataset, config.image_transform(backbone), blocks=block, head=head,
+    batches = iter_tokens(backbone, dataset, config.image_transform(backbone), blocks=block, corrections=corrections,
                           keys=config.features == "keys", batch_size=config.batch_size, num_workers=num_workers,
-                          keep_images=True, positional_baseline=config.features == "tokens", across_ranks=True,
-                          log=log, progress=progress, stage="tokencut")
+                          keep_images=True, across_ranks=True, log=log, progress=progress, stage="tokencut")
     t0 = time.perf_counter()
     for batch in batches:
         t1 = time.perf_counter()
         seconds["read_and_encode"] += t1 - t0
         patch_masks = {}
-        for v, feats in batch.variants().items():
+        for v, feats in batch.variants.items():
             grid = feats.keys if config.features == "keys" else feats.tokens[block]
             patch_masks[v] = tokencut_masks(grid, config.tau, config.eps, method=config.solver).masks.cpu()
         seconds["tokencut"] += time.perf_counter() - t1
@@ -175,19 +176,19 @@ def evaluate_tokencut(
             for v in patch_masks:
                 full = upsample_nearest(patch_masks[v][i : i + 1], mask.shape)[0].numpy()
                 if config.bilateral:
-                    metrics.setdefault(f"{v}/raw", SalientMetrics()).add(full, mask)
+                    metrics.setdefault(f"{v}/raw", SalientMetrics()).add(full, mask, index)
                     t2 = time.perf_counter()
                     preds[v] = to_uint8(bilateral_solve(np.asarray(image), full.astype(np.float64), params))
                     seconds["bilateral"] += time.perf_counter() - t2
                 else:
                     preds[v] = to_uint8(full)
-                metrics.setdefault(v, SalientMetrics()).add(preds[v], mask)
+                metrics.setdefault(v, SalientMetrics()).add(preds[v], mask, index)
                 if save_masks is not None:
                     folder = Path(save_masks) / ("" if v == "original" else v)
                     folder.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(preds[v]).save(folder / f"{stem}.png")
-            if "soap" in preds:
-                diff = abs(salient_scores(preds["soap"], mask).iou - salient_scores(preds["original"], mask).iou)
+            if compared is not None:
+                diff = abs(salient_scores(preds[compared], mask).iou - salient_scores(preds["original"], mask).iou)
             else:
                 diff = -index
             keeper.offer(diff, index, lambda: Example(stem, np.asarray(image), mask, dict(preds)))
@@ -197,9 +198,15 @@ def evaluate_tokencut(
     if "original" not in metrics:
         raise SoapvitError(f"no image could be evaluated; first problems: {'; '.join(log.lines()[:3])}")
     settings = {**config.__dict__, "model": backbone.model_id, "device": str(backbone.device),
-                "head": None if head is None else {"backbone": head.metadata.get("backbone"),
-                                                    "apply_block": head.apply_block}}
-    order_key = lambda name: (name.endswith("/raw"), VARIANT_ORDER.index(name.split("/")[0]))  # noqa: E731
-    results = {name: metrics[name].result() for name in sorted(metrics, key=order_key)}
-    return TokenCutReport(results=results, settings=settings, log=log,
-                          seconds=seconds, examples=keeper.examples())
+                "variants": {name: describe_variant(c) for name, c in corrections.items()},
+                "bootstrap": bootstrap_settings(), "n_images": len(dataset)}
+    order = ["original", *corrections]
+    order_key = lambda name: (name.endswith("/raw"), order.index(name.split("/")[0]))  # noqa: E731
+    names = sorted(metrics, key=order_key)
+    t0 = time.perf_counter()
+    intervals = against_original({n: metrics[n] for n in names})
+    seconds["intervals"] = time.perf_counter() - t0
+    return TokenCutReport(results={n: metrics[n].result() for n in names}, settings=settings, log=log,
+                          seconds=seconds, intervals=intervals, per_image={n: metrics[n].per_image() for n in names},
+                          passes=passes, examples=keeper.examples())
+

@@ -13,21 +13,18 @@ Weightings beyond the two: ``si`` (every component weighted by its SI, no cut-of
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from .backbones.base import Backbone, Features, RawOutput
-from .errors import SoapvitError
-from .safetensors_io import read_safetensors
-from .stats import ResponseCounts, StreamingMoments, positional_fraction
-from .validation import POSITIVE, Interval, Options, check_each, validate
+from ..errors import SoapvitError
+from ..stats import FitStatistics, ResponseCounts
+from ..validation import POSITIVE, Interval, Options, check_each, validate
+from .base import Correction
 
 VARIANTS = ("reference", "paper")
 WEIGHTINGS = ("reference", "paper", "si", "manual")
@@ -36,8 +33,11 @@ SOAP_CONSTRAINTS = {
     "variant": Options(VARIANTS), "weighting": Options(WEIGHTINGS), "mu": Interval(float, 0, optional=True),
     "tau": POSITIVE, "alpha": POSITIVE, "gamma": POSITIVE, "threshold": Interval(float, 0, 1),
 }
-HEAD_FORMAT = "soapvit-head/1"
 COMPACT_FIELDS = ("eigenvectors", "p_real", "q_synthetic", "position_mean")  # stored in float32 to keep files small
+SI_THRESHOLD = 0.75
+"""SI at or above which a component counts as non-semantic (the SOAP paper's 0.75)."""
+REMOVED_WEIGHT = 0.5
+"""A component whose weight exceeds this is removed (more than half of it is projected out)."""
 
 
 def semantic_invariance(p: Tensor, q: Tensor, alpha: float = 2.0, gamma: float = 1.0, eps: float = 1e-6) -> Tensor:
@@ -79,13 +79,23 @@ def descending_rank(scores: Tensor) -> Tensor:
     return rank
 
 
-def auto_mu(scores: Tensor, threshold: float = 0.75) -> int:
-    """Number of components with SI above ``threshold`` (the reference's ``μ=None``)."""
-    return int((scores > threshold).sum())
+def high_si(scores: Tensor, threshold: float = SI_THRESHOLD) -> Tensor:
+    """Indices of the components with SI ≥ ``threshold`` (the one rule for "high SI")."""
+    return (scores >= threshold).nonzero().flatten()
+
+
+def removed(weights: Tensor) -> list[int]:
+    """Indices of the components a weight vector removes (weight > :data:`REMOVED_WEIGHT`)."""
+    return (weights > REMOVED_WEIGHT).nonzero().flatten().tolist()
+
+
+def auto_mu(scores: Tensor, threshold: float = SI_THRESHOLD) -> int:
+    """Number of high-SI components (:func:`high_si`; the reference's ``μ=None``)."""
+    return int(high_si(scores, threshold).numel())
 
 
 def component_weights(scores: Tensor, weighting: str = "reference", mu: float | None = 2.0, tau: float = 0.05,
-                      components: Sequence[int] = (), threshold: float = 0.75) -> Tensor:
+                      components: Sequence[int] = (), threshold: float = SI_THRESHOLD) -> Tensor:
     """Diagonal of ``W`` for each weighting (see module doc); ``mu=None`` → :func:`auto_mu`."""
     validate({"weighting": weighting}, SOAP_CONSTRAINTS)
     scores = scores.double()
@@ -113,18 +123,6 @@ def projector(eigenvectors: Tensor, weights: Tensor) -> Tensor:
 
 
 @dataclass
-class BlockStatistics:
-    """Everything one pass over the data gives for one block."""
-
-    moments: StreamingMoments
-    eigenvalues: Tensor
-    eigenvectors: Tensor
-    real: ResponseCounts
-    synthetic: ResponseCounts
-    position_mean: Tensor  # (h, w, D) mean real token per patch position
-
-
-@dataclass
 class SoapConfig:
     """Scoring and weighting settings."""
 
@@ -134,7 +132,7 @@ class SoapConfig:
     tau: float = 0.05
     alpha: float = 2.0
     gamma: float = 1.0
-    threshold: float = 0.75
+    threshold: float = SI_THRESHOLD
     remove: Sequence[int] = ()
 
     def __post_init__(self) -> None:
@@ -160,25 +158,45 @@ class BlockDecomposition:
     position_mean: Tensor | None = None  # (h, w, D) mean real token per position (absent in old files)
 
 
-class SoapHead(nn.Module):
+class SoapHead(Correction):
     """The training-free linear head ``ẑ = P z`` for one block, plus every fitted block's
-    decomposition and the fit's metadata."""
+    decomposition (for diagnosis) and the fit's metadata (Hjelkrem-Tan et al., CVPR 2026)."""
+
+    method = "soap"
+    requires = frozenset({"moments", "responses", "positions"})
+    source = "Hjelkrem-Tan et al., CVPR 2026 (SOAP)"
 
     def __init__(self, blocks: dict[int, BlockDecomposition], apply_block: int, metadata: dict) -> None:
-        super().__init__()
         if apply_block not in blocks:
             raise SoapvitError(f"--apply-block {apply_block} was not fitted; fitted blocks: {sorted(blocks)}")
         self.blocks = blocks
         self.apply_block = apply_block
         self.metadata = dict(metadata)
-        self.register_buffer("projector", projector(blocks[apply_block].eigenvectors, blocks[apply_block].weights).float())
+        self.projector = projector(blocks[apply_block].eigenvectors, blocks[apply_block].weights).float()
+
+    CONFIG_FIELDS: ClassVar[tuple[str, ...]] = ("variant", "weighting", "mu", "tau", "alpha", "gamma", "threshold",
+                                                "remove")
+
+    @property
+    def block_(self) -> int:
+        return self.apply_block
+
+    @property
+    def dim_(self) -> int:
+        return self.projector.shape[0]
+
+    def get_params(self) -> dict:
+        return {k: self.metadata.get(k) for k in self.CONFIG_FIELDS}
+
+    def check_params(self) -> None:  # checked by SoapConfig
+        pass
 
     @classmethod
-    def from_statistics(cls, stats: dict[int, BlockStatistics], config: SoapConfig, apply_block: int,
+    def from_statistics(cls, stats: FitStatistics, config: SoapConfig, apply_block: int,
                         metadata: dict | None = None) -> SoapHead:
         """Score every block and build the head for ``apply_block``."""
         blocks = {}
-        for b, s in stats.items():
+        for b, s in stats.blocks.items():
             si = without_degenerate(si_scores(s.real, s.synthetic, config.variant, config.alpha, config.gamma),
                                     s.eigenvalues)
             weights = component_weights(si, config.weighting, config.mu, config.tau, config.remove, config.threshold)
@@ -186,8 +204,7 @@ class SoapHead(nn.Module):
             blocks[b] = BlockDecomposition(
                 mean=s.moments.mean, eigenvalues=s.eigenvalues, eigenvectors=s.eigenvectors, si=si,
                 weights=weights, p_real=s.real.probabilities(rule), q_synthetic=s.synthetic.probabilities(rule),
-                position_share=positional_fraction(s.position_mean, s.moments.mean, s.eigenvectors, s.eigenvalues),
-                position_mean=s.position_mean,
+                position_share=s.position_share, position_mean=s.position_mean,
             )
         meta = dict(metadata or {})
         meta.update(variant=config.variant, weighting=config.weighting, mu=config.mu, tau=config.tau,
@@ -212,61 +229,14 @@ class SoapHead(nn.Module):
         """Apply ``P`` on the last dimension of ``tokens`` (no centring, as the reference)."""
         return tokens @ self.projector.to(tokens.device, tokens.dtype)
 
-    forward = transform
-
-    def transform_sequence(self, sequence: Tensor, num_prefix: int) -> Tensor:
-        """Apply ``P`` to the patch tokens of ``(B, P + N, D)``, leaving the ``P`` prefix tokens."""
-        return torch.cat([sequence[:, :num_prefix], self.transform(sequence[:, num_prefix:])], dim=1)
-
-    def correct(self, features: Features) -> Features:
-        """Features of an output head (at the last block) from the original ones: the head's block
-        transformed, nothing else (keys are computed inside the block, before its output)."""
-        tokens = dict(features.tokens)
-        if self.apply_block in tokens:
-            tokens[self.apply_block] = self.transform(tokens[self.apply_block])
-        return Features(tokens=tokens, prefix=features.prefix, keys=features.keys, attentions=features.attentions)
-
     def digest(self) -> str:
         """Short content digest of the projector and the block it applies to."""
-        from .backbones.wheels import tensor_digest
+        from ..backbones.wheels import tensor_digest
 
         return tensor_digest({"projector": self.projector, "apply_block": torch.tensor(self.apply_block)})[:16]
 
-    def positional_offset(self, block: int, grid: tuple[int, int]) -> Tensor | None:
-        """The mean token per patch position minus the mean token, ``(h, w, D)``, resampled
-        (bilinear) to ``grid``: the positional signal the fit measured at ``block``; None when the
-        head has no such statistics."""
-        d = self.blocks.get(block)
-        if d is None or d.position_mean is None:
-            return None
-        offset = (d.position_mean - d.mean).float().permute(2, 0, 1)[None]
-        if tuple(offset.shape[-2:]) != tuple(grid):
-            offset = torch.nn.functional.interpolate(offset, size=grid, mode="bilinear", align_corners=False)
-        return offset[0].permute(1, 2, 0)
-
-    def check_backbone(self, backbone: Backbone, *, allow_other: bool = False) -> None:
-        """Refuse a backbone the head was not fitted for: another width always; another model id
-        or weights unless ``allow_other``."""
-        if self.projector.shape[0] != backbone.embed_dim:
-            raise SoapvitError(f"the head has dimension {self.projector.shape[0]} but {backbone.model_id} has "
-                               f"{backbone.embed_dim}")
-        if self.apply_block >= backbone.num_blocks:
-            raise SoapvitError(f"the head applies to block {self.apply_block} but {backbone.model_id} has "
-                               f"{backbone.num_blocks} blocks")
-        fitted = self.metadata.get("backbone")
-        if allow_other or fitted is None:
-            return
-        if fitted != backbone.model_id:
-            raise SoapvitError(f"the head was fitted for {fitted}, not {backbone.model_id} "
-                               "(--allow-other-backbone to apply it anyway)")
-        digest = self.metadata.get("weights_digest")
-        if digest is not None and digest != backbone.weights_digest():
-            raise SoapvitError(f"the head was fitted for other weights of {fitted} (digest {digest}, these "
-                               f"{backbone.weights_digest()}; --allow-other-backbone to apply it anyway)")
-
-    # -- persistence ----------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write a safetensors file: tensors per block plus JSON metadata."""
+    # -- persistence: the SOAP tensors sit at the top of a corrections file ---------------------
+    def state(self) -> dict[str, Tensor]:
         tensors = {"projector": self.projector.contiguous()}
         for b, d in self.blocks.items():
             for name in BlockDecomposition.__dataclass_fields__:
@@ -276,34 +246,38 @@ class SoapHead(nn.Module):
                 if name in COMPACT_FIELDS:
                     value = value.float()
                 tensors[f"block.{b}.{name}"] = value.contiguous()
-        meta = {"format": HEAD_FORMAT, "apply_block": str(self.apply_block),
-                "blocks": json.dumps(sorted(self.blocks)), "metadata": json.dumps(self.metadata)}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(partial), metadata=meta)
-        os.replace(partial, path)  # a killed save never leaves a half-written head behind
-        return path
+        return tensors
+
+    def describe(self) -> dict:
+        return {"method": self.method, "params": self.get_params(), "block": self.apply_block, "dim": self.dim_,
+                "blocks": sorted(self.blocks)}
+
+    @classmethod
+    def restore(cls, description: dict, tensors: dict[str, Tensor], metadata: dict | None = None) -> SoapHead:
+        blocks = {
+            b: BlockDecomposition(**{n: tensors[f"block.{b}.{n}"].double() for n in BlockDecomposition.__dataclass_fields__
+                                     if f"block.{b}.{n}" in tensors or n != "position_mean"})
+            for b in description["blocks"]
+        }
+        metadata = dict(metadata or {})
+        metadata["auto_mu"] = {int(k): v for k, v in metadata.get("auto_mu", {}).items()}
+        return cls(blocks, int(description["block"]), metadata)
+
+    def save(self, path: str | Path) -> Path:
+        """Write this head alone as a corrections file (:mod:`soapvit.corrections.file`)."""
+        from .file import CorrectionSet
+
+        return CorrectionSet({"soap": self}, self.metadata).save(path)
 
     @classmethod
     def load(cls, path: str | Path) -> SoapHead:
-        """Read a head file written by :meth:`save`."""
-        tensors, meta = read_safetensors(path, "head file")
-        if meta.get("format") != HEAD_FORMAT:
-            raise SoapvitError(f"{path} is not a SOAP head file (format {meta.get('format')!r})")
-        try:
-            blocks = {
-                b: BlockDecomposition(**{n: tensors[f"block.{b}.{n}"].double() for n in BlockDecomposition.__dataclass_fields__
-                                         if f"block.{b}.{n}" in tensors or n != "position_mean"})
-                for b in json.loads(meta["blocks"])
-            }
-            metadata = json.loads(meta["metadata"])
-            metadata["auto_mu"] = {int(k): v for k, v in metadata.get("auto_mu", {}).items()}
-            metadata.setdefault("blocks", metadata.pop("layers", sorted(blocks)))  # files before the rename
-            apply_block = int(meta.get("apply_block", meta.get("apply_layer")))
-        except (KeyError, ValueError, TypeError, AttributeError) as err:
-            raise SoapvitError(f"head file {path} is incomplete or damaged ({type(err).__name__}: {err})") from None
-        return cls(blocks, apply_block, metadata)
+        """The SOAP head of a corrections file."""
+        from .file import CorrectionSet
+
+        corrections = CorrectionSet.load(path)
+        if "soap" not in corrections:
+            raise SoapvitError(f"{path} holds no SOAP head (corrections: {', '.join(corrections)})")
+        return corrections["soap"]
 
     def summary(self) -> dict:
         """Plain data: per block eigenvalues, SI and weights in descending-eigenvalue order."""
@@ -315,35 +289,3 @@ class SoapHead(nn.Module):
                 for b, d in sorted(self.blocks.items())
             },
         }
-
-
-class SoapBackbone(Backbone):
-    """A backbone with a SOAP head in its forward pass, by one rule: a head at the last block
-    transforms the output tokens; a head at an earlier block replaces that block's patch tokens
-    (the residual stream) by their projection, so every later block sees the corrected tokens."""
-
-    def __init__(self, backbone: Backbone, head: SoapHead) -> None:
-        desc = backbone.describe()
-        desc.pop("model_id")
-        super().__init__(f"{backbone.model_id}+soap", **desc)
-        head.check_backbone(backbone)
-        self.backbone = backbone
-        self.head = head
-
-    def block_modules(self):
-        return self.backbone.block_modules()
-
-    def _run(self, pixels, blocks, norm, keys, attentions, edits) -> RawOutput:
-        b = self.head.apply_block
-        if b == self.num_blocks - 1:
-            raw = self.backbone._run(pixels, blocks, norm, keys, attentions, edits)
-            if b in raw.hidden:
-                raw.hidden[b] = self.head.transform_sequence(raw.hidden[b], self.num_prefix_tokens)
-            return raw
-        edit = lambda seq: self.head.transform_sequence(seq, self.num_prefix_tokens)  # noqa: E731
-        return self.backbone._run(pixels, blocks, norm, keys, attentions, {**edits, b: edit})
-
-
-def attach(backbone: Backbone, head: SoapHead) -> SoapBackbone:
-    """Wrap ``backbone`` so that its forward pass applies ``head`` (see :class:`SoapBackbone`)."""
-    return SoapBackbone(backbone, head)
