@@ -70,20 +70,36 @@ def last_block_table() -> str:
     return "\n".join(rows)
 
 
+def with_interval(results: dict, intervals: dict, variant: str, key: str) -> str:
+    """``value`` for the original, ``value (Δ [low, high])`` for a corrected variant."""
+    value = results[variant][key]
+    ci = intervals.get(variant, {}).get(key)
+    return f"{value:.2f}" if ci is None else f"{value:.2f} ({ci['delta']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}])"
+
+
 def zero_shot_table() -> str:
-    """ECSSD TokenCut and CamVid kNN segmentation: original, SOAP and the positional baseline."""
-    rows = ["| model | tokens | ECSSD maxFβ | IoU | Acc | images | CamVid mIoU | pixel acc |",
-            "|---|---|---|---|---|---|---|---|"]
+    """Every variant of each backbone's corrections file: ECSSD TokenCut, CamVid kNN segmentation
+    (value, then the difference to the original with its paired 95 % interval) and the artifacts
+    of its tokens on imagenet-sample."""
+    rows = ["| model | variant | ECSSD maxFβ | ECSSD IoU | CamVid mIoU | position probe acc | cos same − other "
+            "position | high-norm share |", "|---|---|---|---|---|---|---|---|"]
     for model, label in MODELS.items():
-        tokencut, knn = load(f"tokencut-{model}"), load(f"knnseg-{model}")
-        if tokencut is None and knn is None:
+        runs = {kind: load(f"{kind}-{model}") for kind in ("tokencut", "knnseg", "artifacts")}
+        runs = {kind: run for kind, run in runs.items() if run is not None}
+        if not runs:
             continue
-        for variant in ("original", "soap", "positional"):
-            t = (tokencut or {}).get("results", {}).get(variant)
-            k = (knn or {}).get("results", {}).get(variant)
-            ecssd = [f"{t[key]:.2f}" for key in ("maxFbeta", "iou", "acc")] + [str(t["n_images"])] if t else [""] * 4
-            camvid = [f"{k[key]:.2f}" for key in ("miou", "acc")] if k else [""] * 2
-            rows.append(f"| {label} | {variant} | " + " | ".join(ecssd + camvid) + " |")
+        variants = list(dict.fromkeys(v for run in runs.values() for v in run["results"] if "/" not in v))
+        for variant in variants:
+            cells = []
+            for kind, keys in (("tokencut", ("maxFbeta", "iou")), ("knnseg", ("miou",))):
+                run = runs.get(kind)
+                for key in keys:
+                    ok = run is not None and variant in run["results"]
+                    cells.append(with_interval(run["results"], run.get("intervals", {}), variant, key) if ok else "")
+            art = runs.get("artifacts", {}).get("results", {}).get(variant)
+            cells += ([f"{art['position_probe_acc']:.3f}", f"{art['cos_same_position'] - art['cos_other_position']:.3f}",
+                       f"{art['high_norm_share']:.4f}"] if art else ["", "", ""])
+            rows.append(f"| {label} | {variant} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

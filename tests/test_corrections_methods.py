@@ -271,3 +271,31 @@ def test_methods_are_registered_and_validate_their_parameters():
             bad()
     with pytest.raises(SoapvitError, match="zero-image"):
         BlankTemplate().fit(fit_statistics(np.ones((2, 1, 1, 2))), BLOCK)
+
+
+def test_blank_at_an_earlier_block_of_a_hooked_backbone_computes_its_template_outside_the_pass():
+    """An hf backbone edits through forward hooks: the zero image's forward for a new grid must run
+    before the corrected pass, not inside its hook (which would recurse)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from soapvit.backbones.hf import HFBackbone
+    from soapvit.corrections import attach
+    from soapvit.corrections.blank import BlankTemplate
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                          patch_size=4, image_size=16)
+    backbone = HFBackbone(Dinov2Model(config).eval(), "hf:tiny")
+    zeros = torch.zeros(1, 3, 16, 16)
+    with torch.no_grad():
+        template = backbone.forward_features(zeros, [1]).tokens[1][0]
+    blank = BlankTemplate()
+    blank.template_, blank.block_, blank.dim_ = template, 1, 16
+    pixels = torch.randn(2, 3, 24, 20)  # another grid than the template's
+    with torch.no_grad():
+        corrected = attach(backbone, blank).forward_features(pixels, [2]).tokens[2]
+        wide = backbone.forward_features(torch.zeros(1, 3, 24, 20), [1]).tokens[1][0]
+        edit = {1: lambda seq: torch.cat([seq[:, :1], seq[:, 1:] - wide.reshape(1, -1, 16)], 1)}
+        # the block-1 edit subtracts the final-norm template from the residual stream, as the head rule says
+        expected = backbone.forward_features(pixels, [2], edits=edit).tokens[2]
+    torch.testing.assert_close(corrected, expected)

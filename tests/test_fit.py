@@ -122,3 +122,18 @@ def test_soap_finds_the_position_embedding_and_attach_removes_it(image_folder, t
     torch.testing.assert_close(corrected.tokens[0], plain.tokens[0])
     torch.testing.assert_close(corrected.tokens[1], head.transform(plain.tokens[1]))
     torch.testing.assert_close(corrected.prefix[1], plain.prefix[1])
+
+
+def test_methods_all_leaves_out_what_does_not_apply_and_a_named_method_must_apply(image_folder, tmp_path):
+    from soapvit.corrections import METHODS, CorrectionSet
+    from soapvit.errors import SoapvitError
+    from soapvit.fitting import fit
+
+    backbone = ToyBackbone()  # no MLP activations: test-time registers cannot be calibrated
+    corrections, report = fit(backbone, image_folder, synthetic=6, batch_size=8, device="cpu", methods="all")
+    assert list(corrections) == [m for m in METHODS if m != "registers"]
+    assert any("registers left out" in w for w in report.warnings)
+    loaded = CorrectionSet.load(corrections.save(tmp_path / "all.safetensors"))
+    assert list(loaded) == list(corrections) and loaded.metadata["methods"] == list(corrections)
+    with pytest.raises(SoapvitError, match="MLP activations"):
+        fit(backbone, image_folder, synthetic=6, batch_size=8, device="cpu", methods="soap,registers")

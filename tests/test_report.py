@@ -33,6 +33,7 @@ TOKENCUT_EVAL = {
     "kind": "tokencut",
     "results": {"original": {"maxFbeta": 70.125, "iou": 55.5, "acc": 88.25, "n_images": 7},
                 "soap": {"maxFbeta": 72.5, "iou": 57.0, "acc": 89.0, "n_images": 7}},
+    "intervals": {"soap": {"maxFbeta": {"delta": 2.375, "low": -0.5, "high": 5.25}}},
     "examples": [{"image": "a.png", "iou": 0.5}], "settings": {"tau": 0.3},
 }
 
@@ -173,7 +174,7 @@ def test_report_tables_evaluations_by_variant(report):
                                   ["soap", "33.750", "81.000"], ["soap-mu3", "32.500", "80.750"]]
     assert tables["tokencut.json (tokencut)"] == [["variant", "maxFbeta", "iou", "acc", "n_images"],
                                        ["original", "70.125", "55.500", "88.250", "7"],
-                                       ["soap", "72.500", "57.000", "89.000", "7"]]
+                                       ["soap", "72.500 (+2.38 [-0.50, +5.25])", "57.000", "89.000", "7"]]
 
 
 def test_report_tolerates_missing_metadata_and_nothing_removed(toy):

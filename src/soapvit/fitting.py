@@ -239,6 +239,8 @@ def fit(
     ``methods`` (``"all"``, a comma list or names of :data:`~soapvit.corrections.METHODS`; SOAP
     always) are fitted from the same passes, each with its ``method_options`` (name →
     keyword arguments); a calibrating method uses the first ``calibration_images`` real images.
+    With ``"all"`` a method that does not apply to this backbone (e.g. registers where no token
+    has an outlier norm) is left out with a warning; a named one that fails is an error.
 
     ``synthetic`` defaults to the number of real images; ``blocks`` are fitted (``"all"``,
     ``"last"`` or indices) and the projector is built for ``apply_block`` (default the last).
@@ -288,18 +290,25 @@ def fit(
         "generator_version": fakes.version, "seed": seed,
         "backbone_config": backbone.describe(), "soapvit_version": __version__, **report.log.to_dict(),
     }
+    if saver is not None and saver.resumed_from:
+        metadata["resumed_from"] = saver.resumed_from  # the digest of the checkpointed state it continued
     head = SoapHead.from_statistics(stats, config or SoapConfig(), apply_id, metadata)
     corrections = {"soap": head}
     for name, estimator in estimators.items():
-        if estimator.calibrates:
-            t0 = time.perf_counter()
-            pixels = iter_pixels(source, transform, range(min(calibration_images, report.n_real)), batch_size,
-                                 device, num_workers=num_workers, log=report.log)
-            corrections[name] = estimator.calibrate(backbone, pixels, apply_id)
-            report.seconds[f"calibrate {name}"] = time.perf_counter() - t0
-        else:
-            corrections[name] = estimator.fit(stats, apply_id)
-    metadata = {**head.metadata, "methods": list(corrections)}
+        try:
+            if estimator.calibrates:
+                t0 = time.perf_counter()
+                pixels = iter_pixels(source, transform, range(min(calibration_images, report.n_real)), batch_size,
+                                     device, num_workers=num_workers, log=report.log)
+                corrections[name] = estimator.calibrate(backbone, pixels, apply_id)
+                report.seconds[f"calibrate {name}"] = time.perf_counter() - t0
+            else:
+                corrections[name] = estimator.fit(stats, apply_id)
+        except SoapvitError as err:
+            if methods != "all":
+                raise
+            report.log.warn(f"--methods all: {name} left out of the file: {err}")
+    metadata = {**head.metadata, "methods": list(corrections), **report.log.to_dict()}
     report.settings = {k: v for k, v in metadata.items() if k not in ("skipped", "warnings")}
     report.results = head.summary()
     return CorrectionSet(corrections, metadata), report

@@ -19,14 +19,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .corrections.soap import SI_THRESHOLD, SoapHead  # noqa: E402
+from .io import save_figure  # noqa: E402
 
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def plot_si_curves(heads: Mapping[str, SoapHead], path: Path, dashed: Sequence[str] = (), top: int = 10) -> Path:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from .errors import SoapvitError
 from .plots import plot_max_si_per_block, render_head_figures, response_maps_figure
+from .io import write_text
 from .corrections.soap import REMOVED_WEIGHT, SI_THRESHOLD, SoapHead, high_si, removed
 
 #: Section headings of every head's part of the page, in order.
@@ -175,12 +176,22 @@ def _format(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:.3f}"
 
 
-def _evaluation_table(name: str, variants: Mapping[str, Mapping[str, float]]) -> str:
+def _cell(value: float, interval: Mapping | None) -> str:
+    """A metric, and for a corrected variant its difference to the original with the interval."""
+    if not isinstance(interval, Mapping):
+        return _format(value)
+    return (f"{_format(value)} ({interval['delta']:+.2f} [{interval['low']:+.2f}, {interval['high']:+.2f}])")
+
+
+def _evaluation_table(name: str, variants: Mapping[str, Mapping[str, float]],
+                      intervals: Mapping[str, Mapping] | None = None) -> str:
+    intervals = intervals if isinstance(intervals, Mapping) else {}
     columns = list(dict.fromkeys(k for metrics in variants.values() for k in metrics))
     head = "".join(f'<th scope="col">{html.escape(c)}</th>' for c in columns)
     rows = "".join(
         f'<tr><th scope="row">{html.escape(v)}</th>'
-        + "".join(f"<td>{_format(m[c]) if c in m else '–'}</td>" for c in columns) + "</tr>"
+        + "".join(f"<td>{_cell(m[c], intervals.get(v, {}).get(c)) if c in m else '–'}</td>" for c in columns)
+        + "</tr>"
         for v, m in variants.items()
     )
     return f'<table><caption>{html.escape(name)}</caption><tr><th scope="col">variant</th>{head}</tr>{rows}</table>'
@@ -311,9 +322,10 @@ def _evaluation_section(evaluations: Sequence[Path]) -> str:
     for path in map(Path, evaluations):
         payload = json.loads(path.read_text())
         title = f"{path.name} ({payload['kind']})" if "kind" in payload else path.name
-        parts.append(_evaluation_table(title, evaluation_variants(payload, path.name)))
+        parts.append(_evaluation_table(title, evaluation_variants(payload, path.name), payload.get("intervals")))
     parts.append("<p>Metrics as written by <code>soapvit eval</code> (percent where the evaluation reports "
-                 "percent); one row per variant of the tokens.</p></section>")
+                 "percent); one row per variant of the tokens; in brackets, a corrected variant's difference to "
+                 "the original with its paired bootstrap 95 % interval over images.</p></section>")
     return "".join(parts)
 
 
@@ -352,7 +364,4 @@ def render_report(heads: Mapping[str, SoapHead], evaluations: Sequence[Path] = (
 def write_report(heads: Mapping[str, SoapHead], out: str | Path, evaluations: Sequence[Path] = (),
                  images: Sequence[Path] = (), backbones: Mapping[str, object] | None = None) -> Path:
     """Write :func:`render_report` to ``out`` and return the path."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(heads, evaluations, images, backbones), encoding="utf-8")
-    return out
+    return write_text(Path(out), render_report(heads, evaluations, images, backbones), "HTML report")

@@ -10,16 +10,15 @@ command reads it back and continues; a checkpoint of another fit is refused.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from . import distributed
 from .errors import SoapvitError
+from .io import save_safetensors
 from .runlog import RunLog
 from .safetensors_io import read_safetensors
 from .stats import NormHistogram, ResponseCounts, StreamingMoments
@@ -92,6 +91,63 @@ class FitState:
                    {b: NormHistogram.from_state_dict(part(f"norms.{b}."), device) for b in blocks})
 
 
+STATE_KEYS = ("moments.{b}.count", "moments.{b}.mean", "moments.{b}.scatter", "position.{b}", "real.{b}.centred",
+              "real.{b}.raw", "real.{b}.images", "fake.{b}.centred", "fake.{b}.raw", "fake.{b}.images",
+              "norms.{b}.counts", "norms.{b}.range")
+COUNTS = ("n_real", "real_steps", "synthetic_steps")
+
+
+def state_digest(tensors: dict[str, Tensor], position: dict) -> str:
+    """SHA-256 over a state's tensors and position: written with the state, checked on load, so an
+    edited or corrupted checkpoint is refused rather than resumed."""
+    import hashlib
+
+    from .backbones.wheels import tensor_digest
+
+    return hashlib.sha256((tensor_digest(tensors) + json.dumps(position, sort_keys=True)).encode()).hexdigest()
+
+
+def state_damage(tensors: dict[str, Tensor], info: dict) -> str | None:
+    """Why a checkpoint's content cannot be a saved :class:`FitState`, or None."""
+    position = info.get("position")
+    if not isinstance(position, dict):
+        return "its metadata has no position"
+    if position.get("stage") not in ("moments", "responses"):
+        return f"its stage is {position.get('stage')!r}, not moments or responses"
+    for key in COUNTS:
+        value = position.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"its {key} is {value!r}, not a count"
+    if not isinstance(position.get("log"), dict):
+        return "its metadata has no log"
+    blocks = info["fingerprint"].get("blocks")
+    try:
+        found = sorted({int(k.split(".")[1]) for k in tensors})
+    except (IndexError, ValueError):
+        return "it holds tensors of another layout"
+    if not found or (isinstance(blocks, list) and found != sorted(blocks)):
+        return f"it holds blocks {found}, the fit has {blocks}"
+    for b in found:
+        missing = [k.format(b=b) for k in STATE_KEYS if k.format(b=b) not in tensors]
+        if missing:
+            return f"it lacks {', '.join(missing)}"
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"tensor {key} holds NaN or inf values"
+        if not value.is_floating_point() and bool((value < 0).any()):
+            return f"tensor {key} holds negative counts"
+    if "digest" in info:
+        if info["digest"] != state_digest(tensors, position):
+            return "its content does not match the digest written with it (edited or corrupted)"
+    elif position["stage"] == "moments":  # files without a digest: the counts must agree with the moments
+        for b in found:
+            tokens = int(tensors[f"moments.{b}.count"])
+            grid = tensors[f"position.{b}"].shape[:2].numel()
+            if tokens != position["n_real"] * grid:
+                return f"its n_real {position['n_real']} does not match the {tokens} tokens of block {b}'s moments"
+    return None
+
+
 class FitCheckpoint:
     """This rank's checkpoint file in ``folder``, written every ``every`` finished loader batches;
     ``fingerprint`` (JSON-able) names everything the accumulated numbers depend on."""
@@ -103,6 +159,8 @@ class FitCheckpoint:
         self.fingerprint = json.loads(json.dumps(fingerprint))
         self.path = self.folder / f"rank-{distributed.rank()}-of-{distributed.world_size()}.safetensors"
         self.steps = 0
+        self.resumed_from: str | None = None
+        """The digest of the state :meth:`load` resumed (recorded in the head)."""
 
     def load(self, device: torch.device) -> FitState | None:
         """The saved state, or None when this rank has none yet."""
@@ -114,23 +172,39 @@ class FitCheckpoint:
                                    f"({others[0]}): resume it with as many processes, or use another folder")
             return None
         tensors, metadata = read_safetensors(self.path, "--checkpoint file")
-        info = json.loads(metadata.get("soapvit", "{}"))
-        if info.get("format") != CHECKPOINT_FORMAT:
+
+        def damaged(reason: str) -> SoapvitError:
+            return SoapvitError(f"damaged --checkpoint file {self.path}: {reason}; delete it to start the fit again")
+
+        try:
+            info = json.loads(metadata.get("soapvit", "{}"))
+        except ValueError:
+            raise damaged("its metadata is not JSON") from None
+        if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
             raise SoapvitError(f"--checkpoint file {self.path} is not a {CHECKPOINT_FORMAT} file")
+        if not isinstance(info.get("fingerprint"), dict):
+            raise damaged("its metadata has no fingerprint of the fit")
         changed = sorted(k for k in {*info["fingerprint"], *self.fingerprint}
                          if info["fingerprint"].get(k) != self.fingerprint.get(k))
         if changed:
             raise SoapvitError(f"--checkpoint {self.folder} holds another fit (its {', '.join(changed)} differ): "
                                "rerun the same command, or use another folder")
-        return FitState.restore(tensors, info["position"], device)
+        reason = state_damage(tensors, info)
+        if reason:
+            raise damaged(reason)
+        try:
+            state = FitState.restore(tensors, info["position"], device)
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise damaged(f"incomplete ({type(err).__name__}: {err})") from None
+        self.resumed_from = info.get("digest")
+        return state
 
     def save(self, state: FitState) -> None:
         """Write ``state`` atomically."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        info = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "position": state.position()}
-        partial = self.path.with_suffix(".partial")
-        save_file(state.tensors(), str(partial), metadata={"soapvit": json.dumps(info)})
-        os.replace(partial, self.path)
+        tensors, position = state.tensors(), state.position()
+        info = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "position": position,
+                "digest": state_digest(tensors, position)}
+        save_safetensors(tensors, self.path, {"soapvit": json.dumps(info)}, "--checkpoint file")
 
     def step_done(self, state: FitState) -> None:
         """Count a finished loader batch; save every ``every`` of them."""

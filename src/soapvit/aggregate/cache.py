@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from .. import distributed
@@ -30,6 +29,7 @@ from ..data.sources import AugmentedViews
 from ..data.transforms import ImageTransform
 from ..errors import SoapvitError
 from ..features import iter_tokens
+from ..io import save_safetensors, write_json
 from ..runlog import Progress
 from ..safetensors_io import read_safetensors
 
@@ -92,8 +92,12 @@ def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, 
     if cache_dir is not None:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         folder = Path(cache_dir) / digest
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SoapvitError(f"cannot use the feature cache folder {cache_dir}: {err.strerror or err} "
+                               "(give another --cache-dir, or --no-cache)") from None
+        write_json(folder / "key.json", key, "probe cache key", sort_keys=True)
     source = AugmentedViews(data, views, seed)
     transform = ImageTransform.for_backbone(backbone, size=image_size, mode="square")
     n = len(data)
@@ -102,7 +106,8 @@ def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, 
     for part, start in enumerate(range(0, n, part_size)):
         stop = min(n, start + part_size)
         path = folder / f"part-{part:05d}.safetensors" if folder is not None else None
-        cached = _read_part(path) if path is not None and path.is_file() else None
+        expected = {f"{v}.{kind}": (stop - start) * views for v in ["original", *inside] for kind in ("prefix", "patches")}
+        cached = _read_part(path, expected) if path is not None and path.is_file() else None
         if cached is not None:
             parts.append(cached)
             hits += 1
@@ -122,9 +127,7 @@ def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, 
             parts.append({k: torch.stack([row[k] for row in ordered]).contiguous() for k in ordered[0]})
             encode_seconds += time.perf_counter() - t0
             if path is not None and distributed.is_main():
-                partial = path.with_suffix(".partial")
-                save_file(parts[-1], str(partial))
-                partial.replace(path)
+                save_safetensors(parts[-1], path, what="probe cache part")
         if progress:
             progress(stage, stop, n)
     side = image_size // backbone.patch_size
@@ -138,13 +141,37 @@ def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, 
     return {name: caches[name] for name in ["original", *corrections]}
 
 
-def _read_part(path: Path) -> dict[str, Tensor] | None:
-    """A cached part, or None (with a warning) when the file is damaged: it is encoded again."""
+def _read_part(path: Path, expected: Mapping[str, int]) -> dict[str, Tensor] | None:
+    """A cached part, or None (with a warning) when the file is damaged (unreadable, a tensor
+    missing, fewer or more rows than ``expected`` (name → rows), rows of unequal width, NaN or
+    inf values): it is encoded again."""
     try:
-        return read_safetensors(path, "probe cache part")[0]
+        part = read_safetensors(path, "probe cache part")[0]
+        reason = part_damage(part, expected)
     except SoapvitError as err:
-        warnings.warn(f"{err}: encoding it again", stacklevel=3)
-        return None
+        part, reason = None, str(err)
+    if reason is None:
+        return part
+    warnings.warn(f"damaged probe cache part {path}: {reason}; encoding it again", stacklevel=3)
+    return None
+
+
+def part_damage(part: Mapping[str, Tensor], expected: Mapping[str, int]) -> str | None:
+    """Why a cache part cannot be used, or None."""
+    missing = [k for k in expected if k not in part]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    widths = set()
+    for key, rows in expected.items():
+        value = part[key]
+        if value.ndim != 3 or value.shape[0] != rows:
+            return f"{key} has shape {list(value.shape)}, not {rows} rows of tokens"
+        widths.add(value.shape[-1])
+        if not bool(torch.isfinite(value).all()):
+            return f"{key} holds NaN or inf values"
+    if len(widths) > 1:
+        return f"its tensors have different widths {sorted(widths)}"
+    return None
 
 
 def corrected(cache: TokenCache, correction, chunk: int = 2048) -> TokenCache:

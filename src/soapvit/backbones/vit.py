@@ -227,16 +227,14 @@ class VisionTransformerBackbone(Backbone):
     # -- files --------------------------------------------------------------------------------
     def save(self, path: str | Path, card: dict[str, Any] | None = None) -> Path:
         """Write fp16 weights with ``config`` (architecture) and ``card`` JSON metadata."""
-        from safetensors.torch import save_file
+        from ..io import save_safetensors
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.vit.state_dict().items()}
         metadata = {"format": "soapvit-vit", "config": json.dumps(asdict(self.config))}
         if card is not None:
             metadata["card"] = json.dumps(card)
-        save_file(state, str(path), metadata=metadata)
-        return path
+        return save_safetensors(state, path, metadata, "model file")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, model_id: str | None = None) -> "VisionTransformerBackbone":

@@ -22,11 +22,18 @@ app = typer.Typer(
 eval_app = typer.Typer(help="Zero-shot evaluations, original vs SOAP-corrected tokens.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
-console = Console(stderr=True)  # progress, warnings, errors
-report = Console()  # results
+# user text (file names, ids) is printed literally: no ``:bomb:`` emoji codes anywhere; the
+# commands escape markup (``[…]``) in user text with rich.markup.escape (common.say)
+console = Console(stderr=True, emoji=False)  # progress, warnings, errors
+report = Console(emoji=False)  # results
 
 # each command module registers its commands on import, in the order `--help` lists them
-from . import soap_commands, evaluate, probe, pretrain, html_report  # noqa: E402,F401,I001
+from . import soap_commands, evaluate, artifacts, probe, pretrain, html_report, transfer  # noqa: E402,F401,I001
+from .common import guard_command  # noqa: E402
+
+for _group in (app, eval_app):  # shared checks before any work: counts ≥ 1, outputs that are no input
+    for _command in _group.registered_commands:
+        _command.callback = guard_command(_command.callback)
 
 
 def show_version(value: bool) -> None:

@@ -5,24 +5,47 @@ Commands parse and check every argument here before a model is loaded, so a typo
 
 from __future__ import annotations
 
-import json
+import functools
+import inspect
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args, get_origin
 
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .. import io
 from ..errors import SoapvitError
 from . import console, report
+
+@dataclass(frozen=True)
+class Output:
+    """Marks an option as something the command writes (in its ``Annotated`` type): a file with
+    one of ``suffixes`` (any name when empty) or a ``folder``; ``updates`` names the inputs it may
+    equal (a checkpoint the command continues, replaced atomically). :func:`guard_command` checks
+    every marked option of a command before the command runs."""
+
+    suffixes: tuple[str, ...] = ()
+    what: str = "a file"
+    folder: bool = False
+    updates: tuple[str, ...] = ()
+
+
+JSON_OUT = Output((".json",), "JSON")
+HEAD_OUT = Output((".safetensors",), "a corrections file")
+HTML_OUT = Output((".html", ".htm"), "an HTML page")
+FIGURE_OUT = Output((".png", ".pdf", ".svg", ".jpg", ".jpeg"), "a figure")
+FOLDER_OUT = Output(folder=True, what="a folder")
+
 
 ModelOpt = Annotated[str, typer.Option(help="Backbone id: hf:<repo|dir>, timm:<name>, zoo:<name>.")]
 HeadOpt = Annotated[Path | None, typer.Option(help="Corrections file from soapvit fit: also score its variants.")]
 VariantsOpt = Annotated[str | None, typer.Option(help="Comma list of the file's corrections to score (default: all).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: auto).")]
-OutOpt = Annotated[Path | None, typer.Option(help="Write the results as JSON here.")]
+OutOpt = Annotated[Path | None, typer.Option(help="Write the results as JSON here."), JSON_OUT]
 AllowOtherOpt = Annotated[bool, typer.Option(
     "--allow-other-backbone", help="Apply a head fitted for another backbone or other weights.")]
 BlocksOpt = Annotated[str, typer.Option("--blocks", "--layers", help="Blocks: all, last or a comma list (0-based).")]
@@ -64,13 +87,123 @@ def check_writable(path: Path | None, option: str = "--out") -> None:
         raise SoapvitError(f"{option} {path}: {existing or folder} is not a writable folder")
 
 
-def set_threads(threads: int) -> None:
-    """torch's CPU thread count: the one place the library's thread use is decided."""
+def _option_name(name: str, annotation) -> str:
+    """How the CLI spells parameter ``name`` (its first declared option name)."""
+    for meta in get_args(annotation)[1:] if get_origin(annotation) is Annotated else ():
+        decls = [d for d in (getattr(meta, "default", None), *(getattr(meta, "param_decls", None) or ()))
+                 if isinstance(d, str) and d.startswith("-")]
+        if decls:
+            return decls[0]
+    return "--" + name.replace("_", "-")
+
+
+def _paths(value) -> list[Path]:
+    """The existing paths a parameter value names (a path, a list of them, or a string that is one)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    found = []
+    for v in values:
+        if isinstance(v, (str, Path)) and str(v) and os.path.exists(v):
+            found.append(Path(v))
+    return found
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def check_outputs(values: dict[str, object], outputs: dict[str, tuple[str, Output]],
+                  names: dict[str, str] | None = None) -> None:
+    """Refuse, before any work, an output option (``name → (option, Output)``) that has the wrong
+    suffix or kind for what is written, or that is one of the command's inputs (every other
+    path-valued parameter in ``values``): a command never writes over what it reads."""
+    inputs = [(n, p) for n, v in values.items() if n not in outputs for p in _paths(v)]
+    for name, (option, spec) in outputs.items():
+        path = values.get(name)
+        if path is None:
+            continue
+        path = Path(path)
+        if spec.folder:
+            if path.exists() and not path.is_dir():
+                raise SoapvitError(f"{option} {path} is a file: give a folder")
+        else:
+            if path.is_dir():
+                raise SoapvitError(f"{option} {path} is a folder: give a file name")
+            if spec.suffixes and path.suffix.lower() not in spec.suffixes:
+                raise SoapvitError(f"{option} {path}: this option writes {spec.what}; give a name ending in "
+                                   f"{' or '.join(spec.suffixes)}")
+        if path.exists():
+            for other, source in inputs:
+                if other not in spec.updates and _same_file(path, source):
+                    spelled = (names or {}).get(other) or _option_name(other, None)
+                    raise SoapvitError(f"{option} {path} is the input {spelled} {source}: "
+                                       "writing it would destroy it; give another path")
+
+
+COUNT_OPTIONS = ("limit", "count", "per_class", "val_per_class")
+"""Parameters that count images: one rule for every command, at least 1 (or not given)."""
+
+
+def guard_command(callback):
+    """``callback`` with the checks every command shares run first, before any work: its count
+    options (:data:`COUNT_OPTIONS`) are ≥ 1 and its :class:`Output`-marked parameters pass
+    :func:`check_outputs`."""
+    from ..validation import OPTIONAL_COUNT, validate
+
+    try:
+        signature = inspect.signature(callback, eval_str=True)
+    except (NameError, TypeError):  # annotations it cannot resolve here: typer will say so
+        return callback
+    outputs, names = {}, {}
+    for name, param in signature.parameters.items():
+        names[name] = _option_name(name, param.annotation) if param.kind is not param.VAR_KEYWORD else name
+        spec = next((m for m in get_args(param.annotation)[1:] if isinstance(m, Output)), None) \
+            if get_origin(param.annotation) is Annotated else None
+        if spec is not None:
+            outputs[name] = (_option_name(name, param.annotation), spec)
+    counts = [n for n in COUNT_OPTIONS if n in signature.parameters]
+    if not outputs and not counts:
+        return callback
+
+    @functools.wraps(callback)
+    def guarded(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        for name in counts:
+            if name in bound.arguments:
+                try:
+                    validate({name: bound.arguments[name]}, {name: OPTIONAL_COUNT})
+                except SoapvitError as err:
+                    raise SoapvitError(str(err).replace(f"--{name.replace('_', '-')}", names[name], 1)) from None
+        check_outputs(dict(bound.arguments), outputs, names)
+        return callback(*args, **kwargs)
+
+    return guarded
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int) -> int:
+    """torch's CPU thread count: the one place the library's thread use is decided. More threads
+    than cores only wait on each other: capped at the core count, with a warning. Returns it."""
     import torch
 
     if threads < 1:
         raise SoapvitError(f"--threads must be at least 1, not {threads}")
+    cores = available_cores()
+    if threads > cores:
+        console.print(f"[yellow]warning:[/] --threads {threads} is more than the {cores} core(s) here: using {cores}",
+                      highlight=False)
+        threads = cores
     torch.set_num_threads(threads)
+    return threads
 
 
 def load_backbone(model: str, device: str | None):
@@ -102,6 +235,10 @@ def load_corrections(path: Path | None, variants: str | None = None):
             raise SoapvitError("--variants needs --head (the corrections file)")
         return None
     names = None if variants is None else [v.strip() for v in variants.split(",") if v.strip()]
+    if str(path).startswith("hf:"):  # a head on the Hugging Face Hub: local cache first (soapvit.hub)
+        from ..hub import resolve_head
+
+        path = resolve_head(str(path))
     return CorrectionSet.load(path).select(names)
 
 
@@ -188,6 +325,5 @@ def write_json(path: Path | None, payload: dict) -> None:
     from .. import distributed
 
     if path is not None and distributed.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=1))
+        io.write_json(path, payload)
         say(f"wrote {path}")

@@ -18,13 +18,19 @@ from .common import (AllowOtherOpt, DeviceOpt, HeadOpt, ModelOpt, OutOpt, RichPr
 @eval_app.command("tokencut")
 def tokencut_command(
     model: ModelOpt,
-    images: Annotated[Path, typer.Option(help="Folder of images (ECSSD, DUTS-TE, DUT-OMRON …).")],
+    images: Annotated[Path | None, typer.Option(help="Folder of images (ECSSD, DUTS-TE, DUT-OMRON …); or --dataset and --root.")] = None,
     masks: Annotated[Path | None, typer.Option(help="Folder of masks matched by stem (default: a sibling masks/, gt/ … folder).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Named layout under --root: ecssd, duts, dut-omron, folder (masks: salient metrics and CorLoc), voc, coco (boxes: CorLoc only).")] = None,
+    root: Annotated[Path | None, typer.Option(help="The dataset's root folder (with --dataset).")] = None,
+    split: Annotated[str | None, typer.Option(help="voc: ImageSets/Main/<split>.txt (default: every annotation); coco: train2017, val2017 … (default: the only instances_*.json).")] = None,
+    drop_hard: Annotated[bool, typer.Option("--drop-hard", help="voc: leave out truncated and difficult objects and images with no other object.")] = False,
     head: HeadOpt = None,
     variants: VariantsOpt = None,
-    features: Annotated[str, typer.Option(help="tokens (final-norm output tokens, SOAP's evaluation) or keys (last-block keys, TokenCut).")] = "tokens",
-    tau: Annotated[float | None, typer.Option(help="Affinity threshold τ (default 0.3 for tokens, 0.2 for keys).")] = None,
-    eps: Annotated[float, typer.Option(help="Weight of non-edges.")] = 1e-5,
+    protocol: Annotated[str, typer.Option(help="tokencut (last-block keys, τ=0.2, ε=1e-5; Wang et al.) or soap (output tokens, τ=0.3; the SOAP authors).")] = "soap",
+    features: Annotated[str | None, typer.Option(help="Override the protocol's features: tokens (final-norm output tokens) or keys (last-block keys).")] = None,
+    tau: Annotated[float | None, typer.Option(help="Override the protocol's affinity threshold τ.")] = None,
+    eps: Annotated[float | None, typer.Option(help="Weight of non-edges (default: the protocol's, 1e-5).")] = None,
+    gt_boxes: Annotated[str, typer.Option(help="CorLoc ground truth from a mask: components (a box per 8-connected component) or bbox (one box).")] = "components",
     bilateral: Annotated[bool, typer.Option("--bilateral", help="Refine with the bilateral solver (λ=256, σ 16/16/8, 25 CG iterations).")] = False,
     resize: Annotated[str, typer.Option(help="aspect (each side to its nearest patch multiple, TokenCut) or square (fixed size).")] = "aspect",
     image_size: Annotated[int | None, typer.Option(help="aspect: shorter side before rounding (default: keep); square: the side.")] = None,
@@ -39,26 +45,30 @@ def tokencut_command(
     save_masks: Annotated[Path | None, typer.Option(help="Save the scored masks as PNG named by image stem (each variant in a subfolder named after it).")] = None,
     figure: Annotated[Path | None, typer.Option(help="Comparison figure (default with --head and --out: next to the JSON).")] = None,
 ) -> None:
-    """TokenCut salient-object segmentation: maxFβ, IoU, accuracy (percent)."""
+    """TokenCut salient-object segmentation (maxFβ, IoU, accuracy) and single-object discovery (CorLoc), percent."""
     from .. import distributed
-    from ..data.saliency import SaliencyDataset
+    from ..data.datasets import open_discovery
     from ..eval.salient import TokenCutConfig, evaluate_tokencut
     from ..plots import plot_mask_comparison
 
     set_threads(threads)
-    config = TokenCutConfig(features=features, tau=tau, eps=eps, bilateral=bilateral, resize=resize,
-                            image_size=image_size, resample=resample, solver=solver, batch_size=batch_size)
-    dataset = SaliencyDataset.from_folders(images, masks, limit=limit)
+    config = TokenCutConfig(protocol=protocol, features=features, tau=tau, eps=eps, gt_boxes=gt_boxes,
+                            bilateral=bilateral, resize=resize, image_size=image_size, resample=resample,
+                            solver=solver, batch_size=batch_size)
+    data = open_discovery(dataset, root, images=images, masks=masks, split=split, drop_hard=drop_hard,
+                             limit=limit)
     for path in (out, figure):
         check_writable(path)
     backbone, corrections = corrections_for(model, head, variants, device, allow_other_backbone)
     with RichProgress() as progress:
-        result = evaluate_tokencut(backbone, dataset, corrections=corrections, config=config, save_masks=save_masks,
+        result = evaluate_tokencut(backbone, data, corrections=corrections, config=config, save_masks=save_masks,
                                    progress=progress)
-    result.settings.update(head=str(head) if head else None, images=str(images))
+    result.settings.update(head=str(head) if head else None, images=str(images) if images else None,
+                           dataset=dataset, root=str(root) if root else None)
     print_log(result)
-    columns = [("maxFbeta", "maxFβ"), ("iou", "IoU"), ("acc", "Acc"), ("n_images", "images")]
-    name = f"TokenCut on {images} — {model}, {features}, τ={config.tau}"
+    columns = [("maxFbeta", "maxFβ"), ("iou", "IoU"), ("acc", "Acc"), ("corloc", "CorLoc"), ("n_images", "images")]
+    columns = [c for c in columns if c[0] in result.results["original"]]
+    name = f"TokenCut ({protocol} protocol) on {images or root} — {model}, {config.features}, τ={config.tau}"
     final = {v: r for v, r in result.results.items() if "/" not in v}
     if config.bilateral:
         print_side_by_side(name + ", no solver", {v.split("/")[0]: r for v, r in result.results.items() if "/" in v},
@@ -78,8 +88,12 @@ def tokencut_command(
 @eval_app.command("knnseg")
 def knnseg_command(
     model: ModelOpt,
-    train: Annotated[Path, typer.Option(help="Training split: images/+labels/ folder, ADE20K images/<split>, or VOC ImageSets/Segmentation/<split>.txt.")],
-    val: Annotated[Path, typer.Option(help="Evaluation split, same layouts.")],
+    train: Annotated[Path | None, typer.Option(help="Training split: images/+labels/ folder, ADE20K images/<split>, VOC ImageSets/Segmentation/<split>.txt or Cityscapes leftImg8bit/<split>; or --dataset and --root.")] = None,
+    val: Annotated[Path | None, typer.Option(help="Evaluation split, same layouts.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Named layout under --root: ade20k, voc, cityscapes, camvid, folder.")] = None,
+    root: Annotated[Path | None, typer.Option(help="The dataset's root folder (with --dataset).")] = None,
+    train_split: Annotated[str | None, typer.Option(help="With --dataset: the training split (default train).")] = None,
+    val_split: Annotated[str | None, typer.Option(help="With --dataset: the evaluation split (default val; camvid: test).")] = None,
     head: HeadOpt = None,
     variants: VariantsOpt = None,
     k: Annotated[int, typer.Option(help="Neighbours per query patch.")] = 30,
@@ -88,7 +102,7 @@ def knnseg_command(
     image_size: Annotated[int | None, typer.Option(help="Shorter side at model input (default: the model's resolution).")] = None,
     max_bank: Annotated[int | None, typer.Option(help="Cap the memory bank at N patches (random sample).")] = None,
     memory_mb: Annotated[float, typer.Option(help="Memory for one similarity block.")] = 256.0,
-    layout: Annotated[str, typer.Option(help="auto, camvid, folder, ade20k or voc.")] = "auto",
+    layout: Annotated[str, typer.Option(help="auto, camvid, folder, ade20k, voc or cityscapes.")] = "auto",
     ignore_index: Annotated[int | None, typer.Option(help="Label to ignore (default: the layout's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the bank sample.")] = 0,
@@ -98,22 +112,33 @@ def knnseg_command(
     threads: ThreadsOpt = 1,
 ) -> None:
     """Per-patch kNN semantic segmentation: mIoU, pixel accuracy, per-class IoU (percent)."""
+    from ..data.images import DataFolderError
     from ..data.segmentation import SegmentationSplit
     from ..eval.knnseg import KnnConfig, evaluate_knnseg
 
     set_threads(threads)
     config = KnnConfig(k=k, temperature=temperature, upsample=upsample, image_size=image_size, max_bank=max_bank,
                        memory_mb=memory_mb, batch_size=batch_size, seed=seed)
-    train_split = SegmentationSplit.open(train, layout=layout, ignore_index=ignore_index, what="--train")
-    val_split = SegmentationSplit.open(val, layout=layout, ignore_index=ignore_index, what="--val")
+    if dataset is not None:
+        from ..data.datasets import DEFAULT_SPLITS, open_segmentation
+
+        splits = DEFAULT_SPLITS.get(dataset, ("train", "val"))
+        train_data = open_segmentation(dataset, root, train_split or splits[0], ignore_index=ignore_index, what="--train")
+        val_data = open_segmentation(dataset, root, val_split or splits[1], ignore_index=ignore_index, what="--val")
+    elif train is None or val is None:
+        raise DataFolderError("--train and --val: pass both splits, or --dataset NAME --root DIR")
+    else:
+        train_data = SegmentationSplit.open(train, layout=layout, ignore_index=ignore_index, what="--train")
+        val_data = SegmentationSplit.open(val, layout=layout, ignore_index=ignore_index, what="--val")
     check_writable(out)
     backbone, corrections = corrections_for(model, head, variants, device, allow_other_backbone)
     with RichProgress() as progress:
-        result = evaluate_knnseg(backbone, train_split, val_split, corrections=corrections, config=config,
+        result = evaluate_knnseg(backbone, train_data, val_data, corrections=corrections, config=config,
                                  progress=progress)
-    result.settings.update(head=str(head) if head else None, train=str(train), val=str(val))
+    result.settings.update(head=str(head) if head else None, train=str(train) if train else None,
+                           val=str(val) if val else None, dataset=dataset, root=str(root) if root else None)
     print_log(result)
-    print_side_by_side(f"kNN segmentation {train} → {val} — {model}, k={k}, T={temperature}", result.results,
+    print_side_by_side(f"kNN segmentation {train or train_data.layout} → {val or val_data.layout} — {model}, k={k}, T={temperature}", result.results,
                        [("miou", "mIoU"), ("acc", "pixel acc")], result.intervals, result.passes)
     if len(result.results) > 1:
         table = Table(title="IoU per class")
@@ -126,4 +151,40 @@ def knnseg_command(
         report.print(table)
     say(f"bank {result.bank_size} patches; {result.patches_per_second:.0f} query patches/s in the search; "
         f"{result.seconds['total']:.0f} s in all")
+    write_json(out, result.to_dict())
+
+
+@eval_app.command("warp")
+def warp_command(
+    model: ModelOpt,
+    images: Annotated[Path, typer.Option(help="Real images (a folder or a file list), e.g. ../shared/data/imagenet-sample.")],
+    head: HeadOpt = None,
+    variants: VariantsOpt = None,
+    warps: Annotated[str, typer.Option(help="Comma list of warps cycled over the images: crop, shift, flip, scale.")] = "crop,shift,flip,scale",
+    image_size: Annotated[int | None, typer.Option(help="Side of the square views (default: the model's resolution).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the warp parameters.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Image pairs per forward pass.")] = 8,
+    limit: Annotated[int | None, typer.Option(help="Evaluate at most N images.")] = None,
+    device: DeviceOpt = None,
+    out: OutOpt = None,
+    allow_other_backbone: AllowOtherOpt = False,
+    threads: ThreadsOpt = 1,
+) -> None:
+    """Warp consistency: PCK@0.05/0.1 of patch matches across a known warp and the same-position rate (percent)."""
+    from ..data.sources import open_images
+    from ..eval.correspondence import WarpConfig, evaluate_warp
+
+    set_threads(threads)
+    config = WarpConfig(image_size=image_size, warps=tuple(w.strip() for w in warps.split(",") if w.strip()),
+                        seed=seed, batch_size=batch_size)
+    source = open_images(images, limit=limit)
+    check_writable(out)
+    backbone, corrections = corrections_for(model, head, variants, device, allow_other_backbone)
+    with RichProgress() as progress:
+        result = evaluate_warp(backbone, source, corrections=corrections, config=config, progress=progress)
+    result.settings.update(head=str(head) if head else None, images=str(images))
+    print_log(result)
+    print_side_by_side(f"Warp consistency on {images} — {model}, {warps}", result.results,
+                       [("pck@0.05", "PCK@0.05"), ("pck@0.1", "PCK@0.1"), ("same_position", "same position"),
+                        ("n_images", "images")], result.intervals, result.passes)
     write_json(out, result.to_dict())

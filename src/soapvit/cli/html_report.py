@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from . import app, console
+from . import app
+from .common import HTML_OUT, say
 
 
 def head_labels(backbones: list[str], files: list[Path]) -> list[str]:
@@ -18,7 +19,7 @@ def head_labels(backbones: list[str], files: list[Path]) -> list[str]:
 @app.command("report")
 def report_command(
     heads: Annotated[list[Path], typer.Argument(help="One or more head files (several: compared side by side).")],
-    out: Annotated[Path, typer.Option(help="HTML file to write.")],
+    out: Annotated[Path, typer.Option(help="HTML file to write."), HTML_OUT],
     evaluations: Annotated[list[Path] | None, typer.Option(
         "--eval", help="JSON written by soapvit eval tokencut|knnseg --out (repeatable).")] = None,
     images: Annotated[Path | None, typer.Option(
@@ -35,4 +36,4 @@ def report_command(
     labels = head_labels([h.metadata.get("backbone", p.stem) for h, p in zip(loaded, heads)], heads)
     files = list_images(images, count) if images is not None else []
     path = write_report(dict(zip(labels, loaded)), out, evaluations or [], files)
-    console.print(f"wrote {path}")
+    say(f"wrote {path}")

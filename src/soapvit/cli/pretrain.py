@@ -6,19 +6,24 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..errors import SoapvitError
+from ..validation import OPTIONAL_COUNT, Interval, validate
 from . import app, console, report
+from .common import Output, set_threads
 
 
 @app.command()
 def pretrain(
     objective: Annotated[str, typer.Option(help="mae | maskfeat | semanticmim | supervised | dino | ibot")],
     data: Annotated[Path, typer.Option(help="folder of '<split>-*.tar[.gz]' shards (KEY.jpg + KEY.cls)")],
-    out: Annotated[Path, typer.Option(help="training checkpoint to write (.pt)")],
+    out: Annotated[Path, typer.Option(help="training checkpoint to write (.pt)"), Output((".pt",), "a checkpoint", updates=("resume",))],
     epochs: Annotated[float, typer.Option(help="length of the schedule (may be fractional)")] = 1.0,
     resume: Annotated[Path | None, typer.Option(help="continue this checkpoint (its recipe wins)")] = None,
-    export: Annotated[Path | None, typer.Option(help="also write the encoder as fp16 zoo .safetensors")] = None,
+    export: Annotated[Path | None, typer.Option(help="also write the encoder as fp16 zoo .safetensors"),
+                      Output((".safetensors",), "a model file")] = None,
     split: Annotated[str, typer.Option(help="shard split to train on")] = "train",
     limit: Annotated[int | None, typer.Option(help="use only the first N images")] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
@@ -35,8 +40,6 @@ def pretrain(
     threads: Annotated[int, typer.Option(help="CPU threads (1 avoids OpenMP spin-waits on a shared CPU)")] = 1,
 ) -> None:
     """Pre-train (or resume) a ViT; checkpoints every few minutes and at the end."""
-    import torch
-
     from ..data.shards import load_labelled_shards
     from ..features import resolve_device
     from ..pretrain import TrainConfig, export_backbone, load_checkpoint, train
@@ -44,12 +47,18 @@ def pretrain(
     vit = {"image_size": image_size, "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth,
            "num_heads": num_heads}
     config = TrainConfig(objective, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, vit=vit)
+    validate({"max_minutes": max_minutes, "max_steps": max_steps},
+             {"max_minutes": Interval(float, 0, open_low=True, optional=True), "max_steps": OPTIONAL_COUNT})
     if resume is not None:
-        load_checkpoint(resume)  # a bad checkpoint fails before the data is decoded
+        saved = load_checkpoint(resume)  # a bad checkpoint fails before the data is decoded
+        trained = saved["train_config"].get("objective")
+        if trained != objective:
+            raise SoapvitError(f"--resume {resume} is a {trained} checkpoint, not {objective}: give --objective "
+                               f"{trained} to continue it")
     dev = resolve_device(device)
-    images, labels = load_labelled_shards(data, split, limit=limit)
     if dev.type == "cpu":
-        torch.set_num_threads(max(1, threads))
+        set_threads(threads)
+    images, labels = load_labelled_shards(data, split, limit=limit)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
@@ -62,7 +71,7 @@ def pretrain(
         result = train(config, images, labels, out, resume=resume, device=dev,
                        max_seconds=None if max_minutes is None else max_minutes * 60, max_steps=max_steps, log=log)
     status = "finished" if result.finished else "paused (resume with --resume)"
-    report.print(f"{out}: step {result.step}/{result.total_steps} {status}, "
-                 f"loss {result.final_loss:.4f}, {result.elapsed_s:.0f} s", highlight=False, soft_wrap=True)
+    report.print(escape(f"{out}: step {result.step}/{result.total_steps} {status}, "
+                        f"loss {result.final_loss:.4f}, {result.elapsed_s:.0f} s"), highlight=False, soft_wrap=True)
     if export is not None:
-        report.print(f"exported {export_backbone(out, export)}", highlight=False, soft_wrap=True)
+        report.print(escape(f"exported {export_backbone(out, export)}"), highlight=False, soft_wrap=True)

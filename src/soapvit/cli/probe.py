@@ -4,20 +4,26 @@ tokens) and ``soapvit attention`` (CLS-attention entropy per block, figure compa
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import SoapvitError
 from . import app, report
-from .common import (AllowOtherOpt, DeviceOpt, HeadOpt, ModelOpt, RichProgress, ThreadsOpt, VariantsOpt,
+from .common import (FOLDER_OUT, AllowOtherOpt, OutOpt, DeviceOpt, HeadOpt, ModelOpt, RichProgress, ThreadsOpt, VariantsOpt,
                      check_writable, corrections_for, load_backbone, say, set_threads, write_json)
 
 DATA_HELP = ("DIR or DIR:SPLIT — tar shards DIR/SPLIT-*.tar[.gz] (e.g. ../shared/data/tiny-imagenet), or an "
              "ImageFolder with one sub-folder per class (in DIR/SPLIT if it exists).")
-DEFAULT_CACHE = Path.home() / ".cache" / "soapvit" / "probe"
+
+
+def default_cache() -> Path:
+    """``$SOAPVIT_CACHE/probe``, else ``~/.cache/soapvit/probe``."""
+    return Path(os.environ.get("SOAPVIT_CACHE") or Path.home() / ".cache" / "soapvit") / "probe"
 
 
 def parse_pools(value: str) -> list[str]:
@@ -57,9 +63,10 @@ def probe_command(
     abmilp_conditioning: Annotated[str, typer.Option(help="none or pe (2-D sin-cos position).")] = "none",
     knn_k: Annotated[int, typer.Option(help="Neighbours for --method knn.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    cache_dir: Annotated[Path, typer.Option(help="Feature cache folder.")] = DEFAULT_CACHE,
+    cache_dir: Annotated[Path | None, typer.Option(
+        help="Feature cache folder (default: $SOAPVIT_CACHE/probe, else ~/.cache/soapvit/probe)."), FOLDER_OUT] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    out: OutOpt = None,
     device: DeviceOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of views and probe training.")] = 0,
     allow_other_backbone: AllowOtherOpt = False,
@@ -84,12 +91,12 @@ def probe_command(
     with RichProgress() as progress:
         run = run_probe(backbone, train_data, val_data, pools=pools, method=method, corrections=corrections,
                         image_size=image_size, views=views, config=config, abmilp=abmilp, knn_k=knn_k,
-                        cache_dir=None if no_cache else cache_dir, batch_size=batch_size, progress=progress)
+                        cache_dir=None if no_cache else cache_dir or default_cache(), batch_size=batch_size, progress=progress)
     run.settings["head"] = str(head) if head else None
     settings = run.settings
     say(f"encoding {run.seconds['encode']:.1f} s ({settings['cache_parts_reused']}/{settings['cache_parts']} cache "
         f"parts reused), total {run.seconds['total']:.1f} s")
-    table = Table(title=f"{method} probes — {model} at {run.image_size} px")
+    table = Table(title=escape(f"{method} probes — {model} at {run.image_size} px"))
     for col in ("pool", "tokens", "top-1 %", "top-5 %", "weight entropy", "patches for 90%"):
         table.add_column(col, justify="right")
     for r in run.rows():
@@ -104,7 +111,7 @@ def probe_command(
 def attention_command(
     model: Annotated[list[str], typer.Option(help="Backbone id; repeat to compare models.")],
     images: Annotated[str, typer.Option(help=f"Images (default split 'val'): {DATA_HELP} A flat folder works too.")],
-    out: Annotated[Path, typer.Option(help="Output folder: attention.json and attention.png.")],
+    out: Annotated[Path, typer.Option(help="Output folder: attention.json and attention.png."), FOLDER_OUT],
     limit: Annotated[int | None, typer.Option(help="Use at most N images.")] = 500,
     image_size: Annotated[list[int] | None, typer.Option(
         help="Square input size: once for every model or once per --model, in order (default: each model's).")] = None,
@@ -145,7 +152,7 @@ def attention_command(
     write_json(out / "attention.json", {"profiles": [p.to_dict() for p in profiles], "abmilp": abmilp})
     say(f"wrote {plot_attention_profiles(profiles, out / 'attention.png', abmilp)}")
     for p in profiles:
-        table = Table(title=f"CLS attention over {p.num_patches} patches — {p.model_id} ({p.images} images)")
+        table = Table(title=escape(f"CLS attention over {p.num_patches} patches — {p.model_id} ({p.images} images)"))
         for col in ("block", "entropy (nats)", "/ log N", "patches for 90%", "CLS→patch mass"):
             table.add_column(col, justify="right")
         stats = p.results

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import SoapvitError
 from . import app, report
-from .common import (BlocksOpt, DeviceOpt, ModelOpt, RichProgress, ThreadsOpt, check_writable, load_backbone,
+from .common import (FOLDER_OUT, HEAD_OUT, BlocksOpt, DeviceOpt, ModelOpt, RichProgress, ThreadsOpt, check_writable, load_backbone,
                      parse_blocks, parse_int_list, print_log, say, set_threads)
 
 DEMO_MODEL = "zoo:dinov2-s14-imgfocus"
@@ -66,7 +66,8 @@ def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, 
     with RichProgress() as progress:
         corrections, result = fit(backbone, source, synthetic=synthetic, generator=generator, blocks=block_selection,
                                   apply_block=apply_block, image_size=image_size, batch_size=batch_size,
-                                  device=backbone.device, seed=seed, config=config, methods=method_names,
+                                  device=backbone.device, seed=seed, config=config,
+                                  methods="all" if methods == "all" else method_names,
                                   calibration_images=calibration_images, cache_gb=cache_gb,
                                   block_features=block_features, checkpoint=checkpoint,
                                   checkpoint_every=checkpoint_every, progress=progress)
@@ -80,7 +81,7 @@ def fit_command(
     model: ModelOpt,
     images: Annotated[Path, typer.Option(help="Natural images: a folder (subfolders included), a text file "
                                               "listing image paths, or tar shards ('train-{000..099}.tar').")],
-    out: Annotated[Path, typer.Option(help="Head file to write (.safetensors).")],
+    out: Annotated[Path, typer.Option(help="Head file to write (.safetensors)."), HEAD_OUT],
     limit: Annotated[int | None, typer.Option(help="Use at most N images.")] = None,
     synthetic: Annotated[int | None, typer.Option(help="Synthetic images (default: as many as real).")] = None,
     blocks: BlocksOpt = "all",
@@ -103,7 +104,7 @@ def fit_command(
              "authors hook for their depth sweep).")] = "residual",
     threads: ThreadsOpt = 1,
     checkpoint: Annotated[Path | None, typer.Option(
-        help="Folder for resumable state: rerunning the same command continues from it.")] = None,
+        help="Folder for resumable state: rerunning the same command continues from it."), FOLDER_OUT] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save the state every N batches.")] = 100,
     methods: Annotated[str, typer.Option(
         help="Corrections to fit from the same passes: all, or a comma list of soap, posmean, blank, zero-subspace, "
@@ -146,15 +147,18 @@ def print_findings(head) -> None:
 
 @app.command("inspect")
 def inspect_command(
-    head_file: Annotated[Path, typer.Argument(help="Head file written by soapvit fit.")],
+    head_file: Annotated[Path, typer.Argument(help="Corrections file written by soapvit fit.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print eigenvalues, SI and weights as JSON.")] = False,
 ) -> None:
-    """Per block, the SI and weight of every component in descending-eigenvalue order."""
-    from ..corrections.soap import SoapHead
+    """Per block, the SI and weight of every component in descending-eigenvalue order, and every
+    correction the file holds."""
+    from ..corrections import CorrectionSet
 
-    head = SoapHead.load(head_file)
+    corrections = CorrectionSet.load(head_file)
+    head = corrections.soap
+    described = {name: c.describe() for name, c in corrections.items() if name != "soap"}
     if as_json:
-        typer.echo(json.dumps(head.summary()))
+        typer.echo(json.dumps({**head.summary(), "corrections": described}))
         return
     meta = head.metadata
     report.print(escape(f"backbone {meta.get('backbone')} · variant {meta.get('variant')} · weighting "
@@ -167,12 +171,16 @@ def inspect_command(
                          for c, (s, w) in enumerate(zip(d.si.tolist(), d.weights.tolist())))
         report.print(f"[bold]block {b}[/] SI and weight w (shown when > 0.005) by component: {escape(cells)}",
                      highlight=False, soft_wrap=True)
+    for name, d in described.items():
+        params = ", ".join(f"{k}={v}" for k, v in d["params"].items())
+        report.print(escape(f"correction {name}: {d['method']} at block {d['block']} ({params or 'no parameters'})"),
+                     highlight=False, soft_wrap=True)
 
 
 @app.command("plot")
 def plot_command(
     heads: Annotated[list[Path], typer.Argument(help="One or more head files (several: curves compared).")],
-    out: Annotated[Path, typer.Option(help="Folder for the figures.")],
+    out: Annotated[Path, typer.Option(help="Folder for the figures."), FOLDER_OUT],
     images: Annotated[Path | None, typer.Option(help="Images for PCA and component maps (first head).")] = None,
     count: Annotated[int, typer.Option(help="Images to show.")] = 4,
     dashed: Annotated[str, typer.Option(help="Comma list of backbone ids drawn dashed (non-MIM).")] = "",
@@ -208,7 +216,7 @@ def sample_images_folder() -> Path:
 
 @app.command("demo")
 def demo_command(
-    out: Annotated[Path, typer.Option(help="Folder for the head and figures.")] = Path("soapvit-demo"),
+    out: Annotated[Path, typer.Option(help="Folder for the head and figures."), FOLDER_OUT] = Path("soapvit-demo"),
     model: Annotated[str, typer.Option(help="Backbone id.")] = DEMO_MODEL,
     device: DeviceOpt = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,

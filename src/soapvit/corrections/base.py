@@ -83,6 +83,10 @@ class Correction:
         """Called once before a pass with the backbone the correction is applied to (a method that
         computes something per input size keeps what it needs here)."""
 
+    def at_grid(self, grid: tuple[int, int]) -> None:
+        """Called before a forward pass that applies the correction inside it at ``grid``: what the
+        transform computes per input size with the backbone is computed here, outside that pass."""
+
     def maps_output(self, backbone: Backbone) -> bool:
         """The head rule: a map at the last block is computed from the original forward pass."""
         return not self.edits_forward and self.block_ == backbone.num_blocks - 1
@@ -153,6 +157,7 @@ class CorrectedBackbone(Backbone):
 
     def _run(self, pixels, blocks, norm, keys, attentions, edits) -> RawOutput:
         b, p, grid = self.correction.block_, self.num_prefix_tokens, self.grid_size(pixels)
+        self.correction.at_grid(grid)
         edit = lambda seq: correct_sequence(self.correction, seq, p, grid)  # noqa: E731
         if b == self.num_blocks - 1:
             raw = self.backbone._run(pixels, blocks, norm, keys, attentions, edits)

@@ -46,6 +46,9 @@ class BlankTemplate(Correction):
     def prepare(self, backbone: Backbone) -> None:
         self._backbone, self._templates = backbone, {}
 
+    def at_grid(self, grid: tuple[int, int]) -> None:
+        self.template(tuple(grid))
+
     def template(self, grid: tuple[int, int]) -> Tensor:
         """The zero image's tokens ``(h, w, D)`` at ``grid``."""
         if grid == tuple(self.template_.shape[:2]):

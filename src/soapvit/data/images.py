@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 import warnings
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import SoapvitError
+from ..validation import OPTIONAL_COUNT, validate
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 MAX_PIXELS = 2**25
@@ -63,6 +65,7 @@ def list_images(folder: str | Path, limit: int | None = None, *, what: str = "--
 
     Raises :class:`DataFolderError` naming ``what`` if the folder is missing or has no images.
     """
+    validate({"limit": limit}, {"limit": OPTIONAL_COUNT})
     folder = Path(folder)
     if not folder.exists():
         raise DataFolderError(f"{what}: folder {folder} does not exist")
@@ -83,11 +86,24 @@ def _scan(folder: Path, recursive: bool) -> Iterator[Path]:
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.is_file():
+        if entry.is_file() or (entry.is_symlink() and not entry.is_dir()):
+            # a dangling link is listed too: reading it fails, and the run lists it as skipped
             if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 yield Path(entry.path)
         elif recursive and entry.is_dir():
             yield from _scan(Path(entry.path), recursive)
+
+
+def open_image(path: str | Path | BinaryIO) -> Image.Image:
+    """``Image.open`` of a regular file only (or an open stream): reading a FIFO or a device
+    would block forever or never end, so anything else fails with an ``OSError`` saying what it is."""
+    if isinstance(path, (str, os.PathLike)):
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+            raise OSError(f"it is {kind}, not a regular file")
+    return Image.open(path)
 
 
 def load_image(path: str | Path | BinaryIO, *, name: str | None = None) -> Image.Image:
@@ -98,7 +114,7 @@ def load_image(path: str | Path | BinaryIO, *, name: str | None = None) -> Image
     """
     name = name or str(path)
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             stored = img.size
             _draft_within_limit(img)
             _check_decode_size(img)
@@ -119,7 +135,7 @@ def read_annotation(path: str | Path, size: tuple[int, int] | None = None, *, ki
     (EXIF orientation applied); if ``size = (W, H)`` differs, resize with nearest neighbour and
     warn naming the file."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             _check_decode_size(img)
             img.load()
             annotation = ImageOps.exif_transpose(img)

@@ -8,7 +8,10 @@ Layouts (``layout="auto"`` picks by the path):
 - ``ade20k``: ``ADEChallengeData2016/images/{training,validation}`` with labels in the sibling
   ``annotations/<split>``; 0 ("other") is ignored, 1..150 become 0..149;
 - ``voc``: a split list ``VOC2012/ImageSets/Segmentation/<split>.txt``; images in
-  ``JPEGImages``, palette labels in ``SegmentationClass``; 21 classes, ignore 255.
+  ``JPEGImages``, palette labels in ``SegmentationClass``; 21 classes, ignore 255;
+- ``cityscapes``: ``leftImg8bit/<split>`` (city sub-folders, ``*_leftImg8bit.png``) with labels
+  ``gtFine/<split>/<city>/*_gtFine_labelIds.png``; the 34 label ids map to the 19 train ids
+  (:data:`CITYSCAPES_TRAIN_IDS`), every other id to 255 (ignored).
 """
 
 from __future__ import annotations
@@ -22,13 +25,19 @@ import numpy as np
 from .images import DataFolderError, ImageReadError, list_images, read_annotation
 from .sources import AnnotatedImages
 
-LAYOUTS = ("auto", "camvid", "folder", "ade20k", "voc")
+LAYOUTS = ("auto", "camvid", "folder", "ade20k", "voc", "cityscapes")
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
                   "Bicyclist"]
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor"]
 ADE_NUM_CLASSES = 150
+CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                      "bicycle"]
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+"""Cityscapes label id → train id (cityscapesScripts ``labels.py``); any other id is ignored (255)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,15 @@ class SegmentationSplit(AnnotatedImages):
         when ``size = (W, H)`` differs. Class ids outside the split's classes (other than the
         ignore index) become the ignore index, with a warning giving their share of pixels."""
         stored = read_label_map(sample.label, size)
-        labels = np.where(stored == 0, self.ignore_index, stored - 1) if self.layout == "ade20k" else stored
+        if self.layout == "ade20k":
+            labels = np.where(stored == 0, self.ignore_index, stored - 1)
+        elif self.layout == "cityscapes":
+            table = np.full(max(256, int(stored.max()) + 1), 255, np.int64)
+            for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
+                table[label_id] = train_id
+            labels = np.where(table[stored] == 255, self.ignore_index, table[stored])
+        else:
+            labels = stored
         unknown = ((labels < 0) | (labels >= self.num_classes)) & (labels != self.ignore_index)
         if unknown.any():
             ids = np.unique(stored[unknown])
@@ -80,6 +97,9 @@ class SegmentationSplit(AnnotatedImages):
         if layout == "voc":
             samples, missing = _voc_samples(path, what)
             names, ignore = VOC_CLASSES, 255
+        elif layout == "cityscapes":
+            samples, missing = _cityscapes_samples(path, what)
+            names, ignore = CITYSCAPES_CLASSES, 255
         elif layout == "ade20k":
             labels_dir = path.parent.parent / "annotations" / path.name
             samples, missing = _pair_by_stem(path, labels_dir, what)
@@ -108,6 +128,8 @@ def read_label_map(path: Path, size: tuple[int, int] | None = None) -> np.ndarra
 def _detect_layout(path: Path, what: str) -> str:
     if path.is_file() and path.suffix == ".txt":
         return "voc"
+    if path.parent.name == "leftImg8bit" and (path.parent.parent / "gtFine" / path.name).is_dir():
+        return "cityscapes"
     if (path / "images").is_dir() and (path / "labels").is_dir():
         return "camvid" if any(p.name.lower() == "camvid" for p in [path, *path.parents]) else "folder"
     if path.parent.name == "images" and (path.parent.parent / "annotations" / path.name).is_dir():
@@ -125,6 +147,22 @@ def _pair_by_stem(images: Path, labels: Path, what: str):
     missing = [p for p in image_files if p.stem not in by_stem]
     if not samples:
         raise DataFolderError(f"{what}: no label map in {labels} has the stem of an image in {images}")
+    return samples, missing
+
+
+def _cityscapes_samples(split: Path, what: str):
+    """``leftImg8bit/<split>/<city>/<id>_leftImg8bit.png`` with ``gtFine/<split>/<city>/<id>_gtFine_labelIds.png``."""
+    labels_root = split.parent.parent / "gtFine" / split.name
+    samples, missing = [], []
+    for image in list_images(split, what=what, recursive=True):
+        stem = image.stem.removesuffix("_leftImg8bit")
+        label = labels_root / image.parent.relative_to(split) / f"{stem}_gtFine_labelIds.png"
+        if label.is_file():
+            samples.append(SegmentationSample(stem, image, label))
+        else:
+            missing.append(image)
+    if not samples:
+        raise DataFolderError(f"{what}: no image of {split} has a *_gtFine_labelIds.png in {labels_root}")
     return samples, missing
 
 

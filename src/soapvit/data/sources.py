@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from .augment import random_resized_flip
-from .images import DataFolderError, ImageReadError, list_images, load_image
+from .images import DataFolderError, ImageReadError, list_images, load_image, open_image
 from .labelled import LabelledImages
 from .shards import IMAGE_PARTS, _read_shard
 
@@ -66,7 +66,7 @@ def is_stream(source: ImageSource | ImageStream) -> bool:
 def header_size(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` of an image file as displayed (EXIF rotation applied), from its header."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             width, height = img.size
             if img.getexif().get(EXIF_ORIENTATION) in SWAPPED_ORIENTATIONS:
                 width, height = height, width

@@ -8,7 +8,6 @@ by ``(seed, step)``, so resuming gives exactly the steps an uninterrupted run wo
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import time
 from collections.abc import Callable
@@ -22,6 +21,8 @@ from torch import Tensor
 from ..backbones.vit import ViTConfig, VisionTransformerBackbone
 from ..errors import SoapvitError
 from ..features import autocast
+from ..io import write_with
+from ..validation import COUNT, POSITIVE, Interval, validate
 from ..schedule import learning_rate
 from .mim import MAE, SemanticMIM, SimMIM
 from .objective import Objective
@@ -35,6 +36,15 @@ SELF_DISTILLATION_OBJECTIVES = ("dino", "ibot")
 MIM_OBJECTIVES = (*RECONSTRUCTION_OBJECTIVES, "ibot")
 """trained by masked patch prediction (iBOT predicts the teacher's patch tokens of masked
 patches): the MIM class of the SOAP paper."""
+
+
+TRAIN_CONSTRAINTS = {"epochs": POSITIVE, "batch_size": COUNT, "lr": Interval(float, 0, open_low=True, optional=True),
+                     "min_lr": Interval(float, 0), "warmup_fraction": Interval(float, 0, 1),
+                     "weight_decay": Interval(float, 0), "clip_grad": POSITIVE, "seed": Interval(int, 0),
+                     "cpu_budget_s": Interval(float, 0, open_low=True, optional=True)}
+VIT_CONSTRAINTS = {"image_size": COUNT, "patch_size": COUNT, "embed_dim": COUNT, "depth": COUNT, "num_heads": COUNT,
+                   "mlp_ratio": POSITIVE, "num_prefix_tokens": Interval(int, 0)}
+"""Checked when a run is defined, before any data is read."""
 
 
 @dataclass
@@ -63,8 +73,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise SoapvitError(f"--objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
-        if self.epochs <= 0 or self.batch_size < 1:
-            raise SoapvitError("--epochs and --batch-size must be positive")
+        validate(self.__dict__, TRAIN_CONSTRAINTS)
+        unknown = sorted(set(self.vit) - set(ViTConfig.__dataclass_fields__))
+        if unknown:
+            raise SoapvitError(f"unknown architecture option(s) {', '.join(unknown)}")
+        vit = asdict(self.vit_config())
+        validate(vit, VIT_CONSTRAINTS)
+        if vit["image_size"] % vit["patch_size"]:
+            raise SoapvitError(f"--image-size {vit['image_size']} is not a multiple of --patch-size {vit['patch_size']}")
+        if vit["embed_dim"] % vit["num_heads"]:
+            raise SoapvitError(f"--embed-dim {vit['embed_dim']} is not a multiple of --num-heads {vit['num_heads']}")
 
     def vit_config(self) -> ViTConfig:
         defaults = {"num_prefix_tokens": 8} if self.objective == "semanticmim" else {}
@@ -127,10 +145,7 @@ def _batch_indices(step: int, batch: int, n: int, seed: int) -> Tensor:
 
 
 def _save(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_with(path, lambda tmp: torch.save(payload, tmp), "training checkpoint")
 
 
 def load_checkpoint(path: str | Path, what: str = "--resume") -> dict:

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The runs behind RESULTS.md's corrections tables: every correction fitted from one fit per backbone,
+# then scored on ECSSD (TokenCut), CamVid (kNN segmentation) and imagenet-sample (artifacts).
+# Run from the repository root; `runs/` is git-ignored, `results/` holds the JSON the tables read.
+#   bash scripts/variant_runs.sh imgfocus|mae|clip
+set -euo pipefail
+ECSSD=../shared/data/ecssd
+CAMVID=../shared/data/camvid
+IMAGENET=../shared/data/imagenet-sample
+mkdir -p runs results
+case "${1:?imgfocus, mae or clip}" in
+imgfocus)
+    [ -f runs/imgfocus-all.safetensors ] || soapvit fit --model zoo:dinov2-s14-imgfocus --images $IMAGENET \
+        --synthetic 1000 --blocks all --methods all --out runs/imgfocus-all.safetensors
+    soapvit inspect runs/imgfocus-all.safetensors --json > results/fit-imgfocus-residual.json
+    soapvit eval tokencut --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors \
+        --images $ECSSD/images --masks $ECSSD/masks --out results/tokencut-imgfocus.json
+    soapvit eval artifacts --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors \
+        --images $IMAGENET --limit 200 --out results/artifacts-imgfocus.json
+    soapvit eval knnseg --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors \
+        --train $CAMVID/train --val $CAMVID/test --max-bank 60000 --out results/knnseg-imgfocus.json
+    ;;
+mae)
+    soapvit fit --model zoo:mae --images $IMAGENET --blocks all --methods all --out runs/mae-all.safetensors
+    soapvit inspect runs/mae-all.safetensors --json > results/fit-mae-residual.json
+    soapvit eval tokencut --model zoo:mae --head runs/mae-all.safetensors --images $ECSSD/images \
+        --masks $ECSSD/masks --image-size 64 --out results/tokencut-mae.json
+    soapvit eval artifacts --model zoo:mae --head runs/mae-all.safetensors --images $IMAGENET --limit 200 \
+        --out results/artifacts-mae.json
+    soapvit eval knnseg --model zoo:mae --head runs/mae-all.safetensors --train $CAMVID/train \
+        --val $CAMVID/test --out results/knnseg-mae.json
+    ;;
+clip)
+    soapvit fit --model zoo:clip-b16 --images $IMAGENET --limit 300 --synthetic 300 --blocks all --methods all \
+        --out runs/clip-all.safetensors
+    soapvit inspect runs/clip-all.safetensors --json > results/fit-clip-residual.json
+    soapvit eval tokencut --model zoo:clip-b16 --head runs/clip-all.safetensors --images $ECSSD/images \
+        --masks $ECSSD/masks --limit 200 --out results/tokencut-clip.json
+    soapvit eval artifacts --model zoo:clip-b16 --head runs/clip-all.safetensors --images $IMAGENET --limit 200 \
+        --out results/artifacts-clip.json
+    soapvit eval knnseg --model zoo:clip-b16 --head runs/clip-all.safetensors --train $CAMVID/train \
+        --val $CAMVID/test --max-bank 20000 --out results/knnseg-clip.json
+    ;;
+esac
