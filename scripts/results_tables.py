@@ -77,28 +77,48 @@ def with_interval(results: dict, intervals: dict, variant: str, key: str) -> str
     return f"{value:.2f}" if ci is None else f"{value:.2f} ({ci['delta']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}])"
 
 
-def zero_shot_table() -> str:
-    """Every variant of each backbone's corrections file: ECSSD TokenCut, CamVid kNN segmentation
-    (value, then the difference to the original with its paired 95 % interval) and the artifacts
-    of its tokens on imagenet-sample."""
-    rows = ["| model | variant | ECSSD maxFβ | ECSSD IoU | CamVid mIoU | position probe acc | cos same − other "
-            "position | high-norm share |", "|---|---|---|---|---|---|---|---|"]
+def variant_rows(kinds: dict[str, tuple[str, ...]], header: str) -> str:
+    """One row per backbone and variant; for each ``kind`` (``tokencut``, ``knnseg``, ``warp``) the
+    given metrics of ``results/{kind}-{model}.json`` with their intervals."""
+    columns = sum(len(keys) for keys in kinds.values())
+    rows = [header, "|---" * (columns + 2) + "|"]
     for model, label in MODELS.items():
-        runs = {kind: load(f"{kind}-{model}") for kind in ("tokencut", "knnseg", "artifacts")}
-        runs = {kind: run for kind, run in runs.items() if run is not None}
+        runs = {kind: load(f"{kind}-{model}") for kind in kinds}
+        runs = {kind: run for kind, run in runs.items() if run is not None and "intervals" in run}
         if not runs:
             continue
         variants = list(dict.fromkeys(v for run in runs.values() for v in run["results"] if "/" not in v))
         for variant in variants:
             cells = []
-            for kind, keys in (("tokencut", ("maxFbeta", "iou")), ("knnseg", ("miou",))):
+            for kind, keys in kinds.items():
                 run = runs.get(kind)
                 for key in keys:
-                    ok = run is not None and variant in run["results"]
-                    cells.append(with_interval(run["results"], run.get("intervals", {}), variant, key) if ok else "")
-            art = runs.get("artifacts", {}).get("results", {}).get(variant)
-            cells += ([f"{art['position_probe_acc']:.3f}", f"{art['cos_same_position'] - art['cos_other_position']:.3f}",
-                       f"{art['high_norm_share']:.4f}"] if art else ["", "", ""])
+                    ok = run is not None and key in run["results"].get(variant, {})
+                    cells.append(with_interval(run["results"], run["intervals"], variant, key) if ok else "")
+            rows.append(f"| {label} | {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def zero_shot_table() -> str:
+    """Every variant of each backbone's corrections file on ECSSD (TokenCut) and CamVid (kNN)."""
+    return variant_rows({"tokencut": ("maxFbeta", "iou", "corloc"), "knnseg": ("miou",)},
+                        "| model | variant | ECSSD maxFβ | ECSSD IoU | ECSSD CorLoc | CamVid mIoU |")
+
+
+def artifacts_table() -> str:
+    """Every variant's artifacts on imagenet-sample, and its warp-consistency test."""
+    rows = ["| model | variant | position probe acc | cos same − other position | high-norm share | "
+            "effective rank | warp same-position rate | warp PCK@0.1 |", "|---" * 8 + "|"]
+    for model, label in MODELS.items():
+        art, warp = load(f"artifacts-{model}"), load(f"warp-{model}")
+        if art is None:
+            continue
+        for variant, a in art["results"].items():
+            cells = [f"{a['position_probe_acc']:.3f}", f"{a['cos_same_position'] - a['cos_other_position']:.3f}",
+                     f"{a['high_norm_share']:.4f}", f"{a['effective_rank']:.1f}"]
+            ok = warp is not None and variant in warp["results"]
+            cells += [with_interval(warp["results"], warp["intervals"], variant, k) if ok else ""
+                      for k in ("same_position", "pck@0.1")]
             rows.append(f"| {label} | {variant} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -135,8 +155,8 @@ def zoo_table() -> str:
     return "\n".join(rows)
 
 
-TABLES = {"depth": depth_table, "last-block": last_block_table, "zero-shot": zero_shot_table, "sweep": sweep_table,
-          "zoo": zoo_table}
+TABLES = {"depth": depth_table, "last-block": last_block_table, "zero-shot": zero_shot_table,
+          "artifacts": artifacts_table, "sweep": sweep_table, "zoo": zoo_table}
 
 
 def render(text: str) -> str:

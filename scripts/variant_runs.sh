@@ -10,15 +10,23 @@ IMAGENET=../shared/data/imagenet-sample
 mkdir -p runs results
 case "${1:?imgfocus, mae or clip}" in
 imgfocus)
+    # the corrections that map the output share one pass over all images; test-time registers edit
+    # the forward pass (a second pass), so on this CPU they are scored on the first 200 images
+    MAPS=soap,posmean,blank,zero-subspace,top-pc,position-pc,high-norm
     [ -f runs/imgfocus-all.safetensors ] || soapvit fit --model zoo:dinov2-s14-imgfocus --images $IMAGENET \
         --synthetic 1000 --blocks all --methods all --out runs/imgfocus-all.safetensors
     soapvit inspect runs/imgfocus-all.safetensors --json > results/fit-imgfocus-residual.json
-    soapvit eval tokencut --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors \
+    soapvit eval tokencut --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors --variants $MAPS \
         --images $ECSSD/images --masks $ECSSD/masks --out results/tokencut-imgfocus.json
+    soapvit eval tokencut --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors \
+        --variants soap,registers --limit 200 --images $ECSSD/images --masks $ECSSD/masks \
+        --out results/tokencut-imgfocus-registers.json
+    soapvit eval knnseg --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors --variants $MAPS \
+        --train $CAMVID/train --val $CAMVID/test --max-bank 20000 --out results/knnseg-imgfocus.json
     soapvit eval artifacts --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors \
         --images $IMAGENET --limit 200 --out results/artifacts-imgfocus.json
-    soapvit eval knnseg --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors \
-        --train $CAMVID/train --val $CAMVID/test --max-bank 60000 --out results/knnseg-imgfocus.json
+    soapvit eval warp --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors \
+        --images $IMAGENET --limit 200 --out results/warp-imgfocus.json
     ;;
 mae)
     soapvit fit --model zoo:mae --images $IMAGENET --blocks all --methods all --out runs/mae-all.safetensors
@@ -27,6 +35,8 @@ mae)
         --masks $ECSSD/masks --image-size 64 --out results/tokencut-mae.json
     soapvit eval artifacts --model zoo:mae --head runs/mae-all.safetensors --images $IMAGENET --limit 200 \
         --out results/artifacts-mae.json
+    soapvit eval warp --model zoo:mae --head runs/mae-all.safetensors --images $IMAGENET --limit 200 \
+        --out results/warp-mae.json
     soapvit eval knnseg --model zoo:mae --head runs/mae-all.safetensors --train $CAMVID/train \
         --val $CAMVID/test --out results/knnseg-mae.json
     ;;
@@ -38,7 +48,9 @@ clip)
         --masks $ECSSD/masks --limit 200 --out results/tokencut-clip.json
     soapvit eval artifacts --model zoo:clip-b16 --head runs/clip-all.safetensors --images $IMAGENET --limit 200 \
         --out results/artifacts-clip.json
+    soapvit eval warp --model zoo:clip-b16 --head runs/clip-all.safetensors --images $IMAGENET --limit 200 \
+        --out results/warp-clip.json
     soapvit eval knnseg --model zoo:clip-b16 --head runs/clip-all.safetensors --train $CAMVID/train \
-        --val $CAMVID/test --max-bank 20000 --out results/knnseg-clip.json
+        --val $CAMVID/test --max-bank 60000 --out results/knnseg-clip.json
     ;;
 esac

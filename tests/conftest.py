@@ -6,6 +6,8 @@ the patch's mean colour, so objects of another colour than the background separa
 grid size. This machine (and CI) has 2 cores shared by several jobs.
 """
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -64,6 +66,16 @@ class ColourBackbone(Backbone):
         x = torch.cat([x.mean(1, keepdim=True), x], 1)
         hidden = {blk: x for blk in blocks}
         return RawOutput(hidden=hidden, keys=x @ self.key if keys else None)
+
+
+@pytest.fixture()
+def test_device():
+    """The device of the device-path tests: ``SOAPVIT_TEST_DEVICE`` (e.g. ``cuda``), else the CPU.
+    A device that is not available skips those tests instead of failing them."""
+    device = torch.device(os.environ.get("SOAPVIT_TEST_DEVICE", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"SOAPVIT_TEST_DEVICE={device}: CUDA is not available")
+    return device
 
 
 @pytest.fixture()

@@ -33,11 +33,37 @@ def blob_features(seed: int, b: int, h: int, w: int, d: int = 32, noise: float =
     return torch.stack(out)
 
 
+def np_affinity(features: np.ndarray, tau: float, eps: float = 1e-5) -> np.ndarray:
+    """TokenCut's affinity written independently in float64 numpy: ``1[cos > τ]``, zeros → eps."""
+    f = np.asarray(features, dtype=np.float64).reshape(-1, np.shape(features)[-1])
+    unit = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    return np.where(unit @ unit.T > tau, 1.0, eps)
+
+
+def np_tokencut(features: np.ndarray, tau: float, eps: float = 1e-5) -> np.ndarray:
+    """The TokenCut code's per-image cut, independent of soapvit: ``scipy.linalg.eigh(D − A, D)``,
+    mean split, seed argmax |x| on the foreground side, the seed's ``ndimage.label`` component."""
+    h, w, _ = features.shape
+    a = np_affinity(features, tau, eps)
+    d = np.diag(a.sum(axis=1))
+    _, vectors = eigh(d - a, d, subset_by_index=[1, 2])
+    x = vectors[:, 0]
+    foreground = x > x.mean()
+    seed = int(np.argmax(np.abs(x)))
+    if not foreground[seed]:
+        foreground = ~foreground
+    labels, _ = ndimage.label(foreground.reshape(h, w))
+    return labels == labels.flat[seed]
+
+
 def test_affinity_is_thresholded_cosine():
     f = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]])
     a = affinity(f, tau=0.5, eps=1e-5)[0]
     cos = np.array([[1, 2**-0.5, 0], [2**-0.5, 1, 2**-0.5], [0, 2**-0.5, 1]])
     np.testing.assert_allclose(a.numpy(), np.where(cos > 0.5, 1.0, 1e-5))
+    np.testing.assert_allclose(np_affinity(f[0].numpy(), 0.5), np.where(cos > 0.5, 1.0, 1e-5))
+    feats = blob_features(3, 1, 6, 7, noise=1.0)[0]
+    np.testing.assert_allclose(affinity(feats.reshape(1, 42, -1), 0.2)[0].double().numpy(), np_affinity(feats.numpy(), 0.2))
 
 
 @pytest.mark.parametrize("method", ["lanczos", "eigh"])
@@ -45,7 +71,7 @@ def test_eigenvector_matches_scipy_generalised_eigh(method):
     feats = blob_features(1, 3, 9, 11, noise=0.8)
     vectors = second_eigenvectors(feats.reshape(3, 99, -1), tau=0.2, method=method).double().numpy()
     for i in range(3):
-        a = affinity(feats[i : i + 1].reshape(1, 99, -1), 0.2)[0].double().numpy()
+        a = np_affinity(feats[i].numpy(), 0.2)
         d = np.diag(a.sum(1))
         _, ref = eigh(d - a, d, subset_by_index=[1, 2])
         x = ref[:, 0]
@@ -59,8 +85,7 @@ def well_posed(features: np.ndarray, tau: float) -> bool:
     no tie for the seed argmax |x| and no entry at the mean. Tiny symmetric grids violate this,
     and then every solver legitimately picks its own answer."""
     f = features.reshape(-1, features.shape[-1])
-    f = f / np.linalg.norm(f, axis=1, keepdims=True)
-    a = np.where(f @ f.T > tau, 1.0, 1e-5)
+    a = np_affinity(f, tau)
     d = np.diag(a.sum(1))
     values, vectors = eigh(d - a, d, subset_by_index=[1, 2])
     x = vectors[:, 0]
@@ -78,14 +103,16 @@ def test_batched_masks_equal_scipy_reference(seed, h, w, noise):
         masks = tokencut_masks(feats, tau=0.2, method=method).masks.numpy()
         for i, f in enumerate(feats):
             if well_posed(f.numpy(), 0.2):
-                np.testing.assert_array_equal(masks[i], tokencut_mask_scipy(f.numpy(), 0.2), err_msg=method)
+                np.testing.assert_array_equal(masks[i], np_tokencut(f.numpy(), 0.2), err_msg=method)
+                np.testing.assert_array_equal(tokencut_mask_scipy(f.numpy(), 0.2), np_tokencut(f.numpy(), 0.2))
 
 
 def test_batched_masks_equal_scipy_on_realistic_grid():
     feats = blob_features(7, 3, 21, 29, d=64, noise=1.5)
     out = tokencut_masks(feats, tau=0.2)
     for i, f in enumerate(feats):
-        ref = tokencut_mask_scipy(f.numpy(), 0.2)
+        ref = np_tokencut(f.numpy(), 0.2)
+        np.testing.assert_array_equal(tokencut_mask_scipy(f.numpy(), 0.2), ref)
         np.testing.assert_array_equal(out.masks[i].numpy(), ref)
         seed = np.unravel_index(int(out.seeds[i]), ref.shape)
         assert ref[seed] and out.eigenvectors[i][seed] > 0

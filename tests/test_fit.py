@@ -70,19 +70,21 @@ def test_fit_matches_numpy_recomputation(toy_backbone, image_folder, variant):
         if variant == "reference":
             p = (((real - mean) @ vectors) > 0).mean(0)
             q = (((fake - mean) @ vectors) > 0).mean(0)
-            si = _np_si(p, q).mean((0, 1))
+            si = np.where(keep, _np_si(p, q).mean((0, 1)), 1e-6)
             ranks = np.argsort(np.argsort(-si, kind="stable"), kind="stable")
             weights = si / (1 + np.exp(-(2 - 0.5 - ranks) / 0.05))
         else:
             p = ((real @ vectors) >= 0).mean((0, 1, 2))
             q = ((fake @ vectors) >= 0).mean((0, 1, 2))
-            si = _np_si(p, q)
+            si = np.where(keep, _np_si(p, q), 1e-6)
             ranks = np.argsort(np.argsort(-si, kind="stable"), kind="stable") + 1
             sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
             weights = si * sig((2 - ranks) / 0.05) / sig(2 / 0.05)
         np.testing.assert_allclose(d.si.numpy()[keep], si[keep], rtol=1e-9)
-        if np.allclose(d.si.numpy(), si, rtol=1e-9):  # ranks are only comparable when all SI agree
-            np.testing.assert_allclose(d.weights.numpy(), weights, rtol=1e-9, atol=1e-12)
+        # the null direction carries nothing to remove: its SI is pinned to the floor (never ranked)
+        np.testing.assert_array_equal(d.si.numpy()[~keep], 1e-6)
+        np.testing.assert_allclose(d.weights.numpy(), weights, rtol=1e-9, atol=1e-12)
+        assert weights[keep].max() > 0.25  # something is removed: the check is not vacuous
         share = ((real.mean(0).reshape(-1, len(mean)) - mean) @ vectors) ** 2
         np.testing.assert_allclose(d.position_share.numpy()[keep], np.clip(share.mean(0) / values, 0, 1)[keep], rtol=1e-5)
         proj = np.eye(len(si)) - vectors @ np.diag(weights) @ vectors.T
@@ -137,3 +139,14 @@ def test_methods_all_leaves_out_what_does_not_apply_and_a_named_method_must_appl
     assert list(loaded) == list(corrections) and loaded.metadata["methods"] == list(corrections)
     with pytest.raises(SoapvitError, match="MLP activations"):
         fit(backbone, image_folder, synthetic=6, batch_size=8, device="cpu", methods="soap,registers")
+
+
+def test_fit_takes_a_generator_of_paths_and_refuses_what_is_no_image_collection(image_folder):
+    from soapvit.errors import SoapvitError
+    from soapvit.fitting import resolve_images
+
+    paths = sorted(p for p in image_folder.iterdir() if p.suffix == ".png")
+    source = resolve_images((p for p in paths), limit=4)
+    assert [source.name(i) for i in range(len(source))] == [str(p) for p in paths[:4]]
+    with pytest.raises(SoapvitError, match="not int"):
+        resolve_images(3)

@@ -175,3 +175,46 @@ def test_posmean_subtracts_the_measured_offset_and_is_scored(tmp_path):
     report = evaluate_tokencut(backbone, dataset, corrections=corrections, config=TokenCutConfig(tau=0.2))
     assert list(report.results) == ["original", "soap", "posmean"]
     assert set(report.intervals) == {"soap", "posmean"} and report.passes["posmean"] == "same pass"
+
+
+def test_an_earlier_head_propagates_through_an_hf_dinov2(tmp_path):
+    """The same rule on a real model class: a tiny transformers ``Dinov2Model`` loaded through the
+    ``hf:`` adapter, a head at block 0 of 3, against the model's own layers run by hand with the
+    projector applied to the patch tokens after layer 0."""
+    transformers = pytest.importorskip("transformers")
+    from soapvit.backbones import load
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=24, num_hidden_layers=3, num_attention_heads=3, mlp_ratio=2,
+                                       image_size=32, patch_size=8)
+    transformers.Dinov2Model(config).save_pretrained(tmp_path / "tiny")
+    backbone = load(f"hf:{tmp_path / 'tiny'}")
+    model = transformers.Dinov2Model.from_pretrained(tmp_path / "tiny").eval()
+    projector = torch.diag(torch.tensor([1.0] * 16 + [0.0] * 8))
+    head = make_head(projector, apply_block=0)
+    head.metadata["backbone"] = backbone.model_id
+    pixels = torch.randn(3, 3, 32, 40)
+    source = LabelledImages(torch.randint(0, 256, (3, 3, 32, 40), dtype=torch.uint8), torch.zeros(3), {"toy": 1})
+    with torch.no_grad():
+        x = model.embeddings(pixels)
+        manual = {}
+        for i, layer in enumerate(model.encoder.layer):
+            x = layer(x)
+            x = x[0] if isinstance(x, tuple) else x
+            if i == 0:
+                x = torch.cat([x[:, :1], x[:, 1:] @ projector], 1)
+            manual[i] = model.layernorm(x)[:, 1:].reshape(3, 4, 5, 24)
+        plain = model(pixel_values=pixels).last_hidden_state[:, 1:].reshape(3, 4, 5, 24)
+        from soapvit.corrections import attach
+
+        corrected = attach(backbone, head).forward_features(pixels, "all")
+    for b in range(3):
+        torch.testing.assert_close(corrected.tokens[b], manual[b], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(corrected.tokens[2], plain, atol=1e-3)  # the edit reached the later blocks
+    # and through the token pipeline (what fit, TokenCut and kNN read)
+    transform = ImageTransform.for_backbone(backbone, 32)
+    batch = next(iter_tokens(backbone, source, transform, blocks="all", corrections={"soap": head}, batch_size=8))
+    with torch.no_grad():
+        ref = attach(backbone, head).forward_features(batch.pixels, "all")
+    torch.testing.assert_close(batch.variants["soap"].tokens[2], ref.tokens[2])
+    assert not torch.allclose(batch.variants["soap"].tokens[2], batch.original.tokens[2], atol=1e-3)

@@ -90,13 +90,56 @@ def test_mixture_weights_follow_dirichlet_1_1_2():
         assert scipy.stats.kstest(weights[:, column], scipy.stats.beta(a, b).cdf).pvalue > 0.01
 
 
-def test_mixture_blends_the_three_components_with_those_weights():
-    blended = mixture(5, 16, _seeded(4))
-    g = _seeded(4)
-    weights = mixture_weights(5, g)
-    parts = [pink_noise(5, 3, 16, g), modulated_noise(5, 16, g), linear_gradient(5, 16, g)]
-    expected = sum(weights[:, i, None, None, None] * part for i, part in enumerate(parts))
-    torch.testing.assert_close(blended, expected)
+def _np_pink(white: np.ndarray) -> np.ndarray:
+    """METHODS.md: white noise → 2-D DCT → × 1/f (f = radial frequency index, f(0,0) := 1) →
+    inverse DCT → divided by each sample's per-channel std (ddof 1, as torch.std)."""
+    size = white.shape[-1]
+    u = np.arange(size)
+    f = np.hypot(u[:, None], u[None, :])
+    f[0, 0] = 1.0
+    field = scipy.fft.idctn(scipy.fft.dctn(white, axes=(-2, -1), norm="ortho") / f, axes=(-2, -1), norm="ortho")
+    return field / field.std(axis=(-2, -1), ddof=1, keepdims=True)
+
+
+def _np_mixture(n: int, size: int, seed: int) -> np.ndarray:
+    """An independent float64 numpy implementation of the mixture generator from METHODS.md's
+    description, fed with the generator's random draws in the order it takes them: 4 uniforms
+    (Dirichlet(1, 1, 2) as sums of Exp(1) draws), white noise of the pink image, white noise of
+    the envelope's pink field, the modulated white noise, the 9 gradient coefficients."""
+    g = _seeded(seed)
+    uniform = torch.rand(n, 4, generator=g).double().numpy()
+    white_pink = torch.randn(n, 3, size, size, generator=g).double().numpy()
+    white_env = torch.randn(n, 1, size, size, generator=g).double().numpy()
+    white_mod = torch.randn(n, 3, size, size, generator=g).double().numpy()
+    coeffs = torch.rand(n, 3, 3, generator=g).double().numpy()
+    expo = -np.log1p(-uniform)
+    gam = np.stack([expo[:, 0], expo[:, 1], expo[:, 2] + expo[:, 3]], axis=1)
+    weights = gam / gam.sum(axis=1, keepdims=True)
+    mean, std = MEAN[None, :, None, None], STD[None, :, None, None]
+    pink = _np_pink(white_pink)
+    envelope = np.clip(_np_pink(white_env) * std + mean, 0, 1)  # un-normalised to pixel range, clipped
+    modulated = envelope * white_mod
+    ramp = np.linspace(0, 1, size)
+    x, y = ramp[None, None, None, :], ramp[None, None, :, None]
+    gradient = np.clip(coeffs[..., 0, None, None] * x + coeffs[..., 1, None, None] * y + coeffs[..., 2, None, None], 0, 1)
+    gradient = (gradient - mean) / std
+    w = weights[:, :, None, None, None]
+    return w[:, 0] * pink + w[:, 1] * modulated + w[:, 2] * gradient
+
+
+@pytest.mark.parametrize("size", [16, 24])
+def test_mixture_equals_an_independent_numpy_implementation(size):
+    np.testing.assert_allclose(mixture(5, size, _seeded(4)).double().numpy(), _np_mixture(5, size, 4),
+                               rtol=1e-5, atol=2e-5)
+
+
+def test_stream_images_equal_the_numpy_generator_seeded_per_image():
+    """Image ``i`` of a stream is the generator's single image drawn from seed ``image_seed(i)``,
+    whatever the batch size."""
+    stream = SyntheticImages(5, 16, "mixture", seed=7)
+    images = torch.cat(list(stream.batches(3))).double().numpy()
+    for i in range(5):
+        np.testing.assert_allclose(images[i], _np_mixture(1, 16, stream.image_seed(i))[0], rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("generator", ["mixture", "marginal", "pink", "modulated", "gradient"])
@@ -126,3 +169,31 @@ def test_bad_arguments():
         SyntheticImages(3, 8, "plaid")
     with pytest.raises(SoapvitError, match="--synthetic"):
         SyntheticImages(-1, 8)
+
+
+@pytest.mark.parametrize("generator", ["mixture", "marginal", "pink", "modulated", "gradient"])
+def test_batched_render_equals_one_image_at_a_time(generator):
+    """A stream draws per image and renders the batch at once: the same images (to 1e-6) as the
+    generator run on each image alone with that image's seed (what GENERATOR_VERSION 3 defines)."""
+    import soapvit.data.synthetic as synthetic
+
+    single = {"mixture": mixture, "marginal": synthetic.marginal, "pink": lambda n, s, g: pink_noise(n, 3, s, g),
+              "modulated": modulated_noise, "gradient": linear_gradient}[generator]
+    stream = SyntheticImages(6, 24, generator, seed=11)
+    batched = torch.cat(list(stream.batches(4)))
+    alone = torch.cat([single(1, 24, _seeded(stream.image_seed(i))) for i in range(6)])
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-6)
+
+
+def test_dct_matrices_are_built_once_per_size_and_device(monkeypatch):
+    import soapvit.data.synthetic as synthetic
+
+    built = []
+    original = synthetic.dct_matrix
+    monkeypatch.setattr(synthetic, "dct_matrix", lambda n, device=None, dtype=torch.float32: built.append(n) or
+                        original(n, device, dtype))
+    synthetic._cached_dct.cache_clear()
+    list(SyntheticImages(9, 20, "mixture", seed=1).batches(4))
+    list(SyntheticImages(3, 12, "pink", seed=1).batches(4))
+    assert built == [20, 12]
+    synthetic._cached_dct.cache_clear()

@@ -1,6 +1,8 @@
 """zoo:dinov2-s14-imgfocus: extracted weights against onnxruntime on the original graph; fresh cache builds.
 
-The graph takes a fixed 224×224 input. Measured here (2026-11-24, 2-core CPU, onnxruntime 1.32,
+The graph takes a fixed 224×224 input; it was traced from transformers' ``Dinov2Model``, whose
+position resampling (no antialiasing) the default id keeps and ``-timm`` replaces by timm's (see
+:mod:`soapvit.backbones.imgfocus`). Measured here (2026-11-24, 2-core CPU, onnxruntime 1.32,
 transformers 5.23, torch 2.13) on two N(0,1) images, max abs difference: final-norm tokens
 2.3e-5 with the default SDPA attention, 1.8e-5 with eager attention (values reach ~10), block-5
 outputs 1.8e-6, last-block keys 1.0e-5, last-block attention maps 3.5e-7. The test prints them (``pytest -s``).
@@ -50,6 +52,9 @@ def test_tokens_keys_attention_match_onnxruntime(onnx_outputs):
     backbone = load("zoo:dinov2-s14-imgfocus")
     assert (backbone.patch_size, backbone.embed_dim, backbone.num_blocks, backbone.num_heads) == (14, 384, 12, 6)
     assert (backbone.num_prefix_tokens, backbone.image_size) == (1, 224)
+    with torch.no_grad():  # the -timm forward (antialiased position resampling) is not the graph's
+        timm_like = load("zoo:dinov2-s14-imgfocus-timm").forward_features(torch.from_numpy(pixels), [11], norm=True)
+    assert np.abs(_sequence(timm_like, 11) - graph["final"]).max() > 0.05
     with torch.no_grad():
         normed = backbone.forward_features(torch.from_numpy(pixels), [11], norm=True, keys=True)
         raw = backbone.forward_features(torch.from_numpy(pixels), [5], norm=False)
@@ -101,10 +106,49 @@ def test_shipped_native_checkpoints_are_zoo_models(tmp_path, monkeypatch):
     VisionTransformerBackbone(ViTConfig(image_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2)).save(
         tmp_path / "tiny-mim.safetensors")
     monkeypatch.setattr(zoo, "ZOO_ASSETS", tmp_path)
-    assert zoo.available() == ["clip-b16", "dinov2-s14-imgfocus", "tiny-mim"]
+    assert zoo.available() == ["clip-b16", "dinov2-s14-imgfocus", "dinov2-s14-imgfocus-timm", "tiny-mim"]
     backbone = load("zoo:tiny-mim")
     direct = VisionTransformerBackbone.from_checkpoint(tmp_path / "tiny-mim.safetensors")
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(backbone(pixels), direct(pixels))
     assert backbone.model_id == "zoo:tiny-mim" and not backbone.training
+
+
+def _timm_state(state):
+    """transformers Dinov2Model parameters → timm ``vit_small_patch14_dinov2`` names (fused qkv)."""
+    out = {"cls_token": state["embeddings.cls_token"], "pos_embed": state["embeddings.position_embeddings"],
+           "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
+           "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
+           "norm.weight": state["layernorm.weight"], "norm.bias": state["layernorm.bias"]}
+    for i in range(12):
+        hf, tm = f"encoder.layer.{i}.", f"blocks.{i}."
+        a = hf + "attention."
+        names = (("q_proj", "k_proj", "v_proj", "o_proj") if a + "q_proj.weight" in state else
+                 ("attention.query", "attention.key", "attention.value", "output.dense"))
+        for kind in ("weight", "bias"):
+            out[f"{tm}attn.qkv.{kind}"] = torch.cat([state[f"{a}{n}.{kind}"] for n in names[:3]])
+            out[f"{tm}attn.proj.{kind}"] = state[f"{a}{names[3]}.{kind}"]
+            for n in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+                out[f"{tm}{n}.{kind}"] = state[f"{hf}{n}.{kind}"]
+        out[tm + "ls1.gamma"] = state[hf + "layer_scale1.lambda1"]
+        out[tm + "ls2.gamma"] = state[hf + "layer_scale2.lambda1"]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timm
+@pytest.mark.parametrize("size", [(224, 224), (294, 406)])  # 406×294: an ECSSD 400×300 image at multiples of 14
+def test_tokens_equal_the_authors_timm_forward(size):
+    """The forward the SOAP authors run: timm's vit_small_patch14_dinov2 with the same weights
+    (37×37 position table resampled by timm per input) gives the zoo model's tokens."""
+    timm = pytest.importorskip("timm")
+    backbone = load("zoo:dinov2-s14-imgfocus-timm")
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, dynamic_img_size=True)
+    model.load_state_dict(_timm_state(backbone.model.state_dict()))
+    pixels = torch.from_numpy(np.random.default_rng(1).normal(size=(2, 3, *size)).astype(np.float32))
+    with torch.no_grad():
+        ours = backbone.forward_features(pixels, [11], norm=True)
+        theirs = model.eval().forward_features(pixels)
+    torch.testing.assert_close(ours.prefix[11][:, 0], theirs[:, 0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours.tokens[11].flatten(1, 2), theirs[:, 1:], rtol=1e-5, atol=1e-4)

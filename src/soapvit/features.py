@@ -48,11 +48,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if isinstance(device, torch.device):
         return device
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError as err:
         raise SoapvitError(f"--device: {err}") from err
+    if dev.type == "cuda" and dev.index is None and distributed.launched():
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # under torchrun: one GPU per rank
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SoapvitError(f"--device {device}: CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda"):
@@ -65,17 +67,39 @@ def default_workers(device: torch.device) -> int:
     return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA, nothing elsewhere."""
+PRECISIONS = ("bf16", "fp32")
+"""``--precision``: bf16 autocast on CUDA (the default) or plain float32 everywhere."""
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise SoapvitError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
+
+
+def autocast(device: torch.device, enabled: bool | str = True):
+    """bf16 autocast on CUDA, nothing elsewhere; ``enabled`` is a bool or a precision name
+    (``"fp32"`` turns autocast off)."""
+    if isinstance(enabled, str):
+        enabled = check_precision(enabled) == "bf16"
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+def to_device(pixels: Tensor, device: torch.device) -> Tensor:
+    """A decoded batch onto ``device``: pinned first when the copy goes to a GPU, so that it is
+    asynchronous (the loader's own ``pin_memory`` cannot pin the list of items it collates)."""
+    if device.type == "cuda" and not pixels.is_pinned():
+        pixels = pixels.pin_memory()
+    return pixels.to(device, non_blocking=True)
+
+
 @torch.no_grad()
-def encode(backbone: Backbone, pixels: Tensor, blocks=None, **kwargs) -> Features:
-    """One no-grad forward pass with autocast; outputs are returned in float32."""
-    with autocast(pixels.device):
+def encode(backbone: Backbone, pixels: Tensor, blocks=None, precision: str = "bf16", **kwargs) -> Features:
+    """One no-grad forward pass, with bf16 autocast on CUDA unless ``precision="fp32"``; outputs
+    are returned in float32."""
+    with autocast(pixels.device, precision):
         feats = backbone.forward_features(pixels, blocks, **kwargs)
     feats.tokens = {b: t.float() for b, t in feats.tokens.items()}
     feats.prefix = {b: t.float() for b, t in feats.prefix.items()}
@@ -202,7 +226,9 @@ def _steps(source: ImageSource | ImageStream, transform: ImageTransform, indices
     dealt round-robin to the ranks (every rank encodes the same batches as one process would), a
     stream's items are split between the ranks' and workers' readers."""
     part, parts = (distributed.rank(), distributed.world_size()) if across_ranks else (0, 1)
-    options = dict(collate_fn=list, num_workers=workers, pin_memory=pin_memory)
+    # the collated batch is a list of items, which the loader's pin_memory leaves unpinned: the
+    # stacked pixels are pinned by the consumer (:func:`to_device`)
+    options = dict(collate_fn=list, num_workers=workers, pin_memory=False)
     if is_stream(source):
         if indices is not None:
             raise ValueError("indices select items of an indexable source, not of a stream")
@@ -237,7 +263,7 @@ def iter_pixels(source: ImageSource | ImageStream, transform: ImageTransform, in
             else:
                 by_shape.setdefault(tuple(item.pixels.shape), []).append(item.pixels)
         for group in by_shape.values():
-            yield torch.stack(group).to(device, non_blocking=True)
+            yield to_device(torch.stack(group), device)
         left -= len(items)
         if stream and left <= 0:
             return
@@ -252,6 +278,7 @@ def iter_tokens(
     corrections: Mapping[str, Correction] | None = None,
     norm: bool = True,
     block_features: str = "residual",
+    precision: str = "bf16",
     keys: bool = False,
     attentions: int | str | Sequence[int] = (),
     indices: Iterable[int] | None = None,
@@ -268,7 +295,8 @@ def iter_tokens(
 
     ``corrections`` (name → correction, checked against the backbone by the caller) add one
     variant each. ``across_ranks`` shares the work between the processes of a :mod:`torch.distributed` group;
-    ``start_step`` skips this process's first loader batches (a resumed run)."""
+    ``start_step`` skips this process's first loader batches (a resumed run). ``precision``: see
+    :func:`encode`."""
     if batch_size < 1:
         raise SoapvitError(f"--batch-size must be at least 1, not {batch_size}")
     device = backbone.device
@@ -282,7 +310,10 @@ def iter_tokens(
     workers = default_workers(device) if num_workers is None else num_workers
     steps, total, done = _steps(source, image_transform, indices, batch_size, workers, keep_images, across_ranks,
                                 start_step, device.type == "cuda", log)
-    options = dict(norm=norm, block_features=block_features, keys=keys, attentions=attentions)
+    if progress:
+        progress(stage, done, total)  # the bar shows before the first batch is decoded
+    options = dict(norm=norm, block_features=block_features, keys=keys, attentions=attentions,
+                   precision=check_precision(precision))
     for step, items in steps:
         by_shape: dict[tuple[int, ...], list[_Item]] = {}
         for item in items:
@@ -294,7 +325,7 @@ def iter_tokens(
                 by_shape.setdefault(tuple(item.pixels.shape), []).append(item)
         groups = list(by_shape.values())
         for number, group in enumerate(groups, 1):
-            pixels = torch.stack([item.pixels for item in group]).to(device, non_blocking=True)
+            pixels = to_device(torch.stack([item.pixels for item in group]), device)
             variants = {"original": encode(backbone, pixels, blocks, **options)}
             for name, correction in corrections.items():
                 variants[name] = (encode(wrapped[name], pixels, blocks, **options) if name in wrapped

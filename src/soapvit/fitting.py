@@ -15,9 +15,11 @@ checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +33,36 @@ from .data.synthetic import GENERATORS, SyntheticImages
 from .data.transforms import ImageTransform
 from .errors import SoapvitError
 from .corrections import METHODS, CorrectionSet, SoapConfig, SoapHead
-from .features import encode, gather_log, iter_pixels, iter_tokens, resolve_device
+from .features import PRECISIONS, encode, gather_log, iter_pixels, iter_tokens, resolve_device
 from .resume import FitCheckpoint, FitState, align_stages
 from .runlog import Progress, RunReport
 from .stats import BlockStatistics, FitStatistics, principal_components
 from .validation import COUNT, OPTIONAL_COUNT, Interval, Options, validate
+
+DEVICE_CACHE_GB = 2.0
+"""Beyond this size a GPU fit keeps its real-token cache in host memory (``device_cache_gb``)."""
+
+
+def on_host(value):
+    """``value`` with every tensor it holds moved to the CPU, in place where it is an object: a
+    fitted correction (its attributes, a SOAP head's block decompositions), a dict, list or
+    dataclass of them. Backbones and other modules are left alone."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, torch.nn.Module):
+        return value
+    if isinstance(value, dict):
+        return {k: on_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(on_host(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            setattr(value, field.name, on_host(getattr(value, field.name)))
+        return value
+    if hasattr(value, "__dict__") and not isinstance(value, type) and type(value).__module__.startswith("soapvit."):
+        for name, attribute in vars(value).items():
+            setattr(value, name, on_host(attribute))
+    return value
 
 
 @dataclass
@@ -64,6 +91,8 @@ def collect_statistics(
     norm: bool = True,
     block_features: str = "residual",
     cache_gb: float = 8.0,
+    device_cache_gb: float = DEVICE_CACHE_GB,
+    precision: str = "bf16",
     num_workers: int | None = None,
     progress: Progress | None = None,
     checkpoint: FitCheckpoint | None = None,
@@ -74,7 +103,10 @@ def collect_statistics(
     In a :mod:`torch.distributed` group every process takes its share of both sets and the
     accumulators are merged across ranks (the same numbers on every rank, equal to one process's).
     With a ``checkpoint`` the state is saved every few batches and a saved state is resumed.
-    ``zero_image`` adds the tokens of the image that is zero after normalisation (one forward)."""
+    ``zero_image`` adds the tokens of the image that is zero after normalisation (one forward).
+    The real-token cache (up to ``cache_gb``) stays on the backbone's device up to
+    ``device_cache_gb`` and in host memory beyond. ``precision``: ``bf16`` autocast on CUDA or
+    ``fp32`` (:func:`~soapvit.features.encode`)."""
     device = backbone.device
     side = image_transform.output_size(1, 1)[0] // backbone.patch_size
     grid, dim = (side, side), backbone.embed_dim
@@ -86,12 +118,14 @@ def collect_statistics(
     expected = images.limit if is_stream(images) else len(images)
     cache_bytes = None if expected is None else expected * side * side * dim * len(blocks) * 4
     use_cache = not resumed and cache_bytes is not None and cache_bytes <= cache_gb * 2**30
+    host = torch.device("cpu")
+    cache_device = device if use_cache and cache_bytes <= device_cache_gb * 2**30 else host
     start = time.perf_counter()
 
     def real_batches(stage: str, start_step: int):
         return iter_tokens(backbone, images, image_transform, blocks=blocks, norm=norm, block_features=block_features,
-                           batch_size=batch_size, num_workers=num_workers, across_ranks=True, start_step=start_step,
-                           log=state.log, progress=progress, stage=stage)
+                           precision=precision, batch_size=batch_size, num_workers=num_workers, across_ranks=True,
+                           start_step=start_step, log=state.log, progress=progress, stage=stage)
 
     def step_done(steps: int, attribute: str) -> None:
         setattr(state, attribute, steps)
@@ -108,7 +142,7 @@ def collect_statistics(
                 state.position_sum[b] += tokens[b].sum(dim=0, dtype=torch.float64)
                 state.norms[b].update(tokens[b])
             if use_cache:
-                cache.append((batch.step, batch.ends_step, tokens))
+                cache.append((batch.step, batch.ends_step, {b: tokens[b].to(cache_device) for b in blocks}))
             state.n_real += len(batch.indices)
             if batch.ends_step:
                 step_done(batch.step + 1, "real_steps")
@@ -133,14 +167,14 @@ def collect_statistics(
         if step < state.real_steps:
             continue
         for b in blocks:
-            state.real[b].update(tokens[b], means[b], components[b])
+            state.real[b].update(tokens[b].to(device, non_blocking=True), means[b], components[b])
         if ends_step:
             step_done(step + 1, "real_steps")
     cache.clear()
     done = state.fake[blocks[0]].images
     for step, pixels in enumerate(synthetic.batches(batch_size, device, across_ranks=True,
                                                     start_step=state.synthetic_steps), state.synthetic_steps):
-        feats = encode(backbone, pixels, blocks, norm=norm, block_features=block_features)
+        feats = encode(backbone, pixels, blocks, norm=norm, block_features=block_features, precision=precision)
         for b in blocks:
             state.fake[b].update(feats.tokens[b], means[b], components[b])
         done += pixels.shape[0]
@@ -160,7 +194,7 @@ def collect_statistics(
     }, grid)
     if zero_image:
         zeros = torch.zeros(1, 3, side * backbone.patch_size, side * backbone.patch_size, device=device)
-        feats = encode(backbone, zeros, blocks, norm=norm, block_features=block_features)
+        feats = encode(backbone, zeros, blocks, norm=norm, block_features=block_features, precision=precision)
         stats.zero_image = {b: feats.tokens[b][0] for b in blocks}
     report = FitReport(results={}, settings={}, log=log, seconds={"total": time.perf_counter() - start},
                        n_real=state.n_real, n_synthetic=fake[blocks[0]].images, cached=use_cache)
@@ -171,7 +205,7 @@ FIT_CONSTRAINTS = {
     "limit": OPTIONAL_COUNT, "synthetic": OPTIONAL_COUNT, "image_size": OPTIONAL_COUNT, "batch_size": COUNT,
     "cache_gb": Interval(float, 0), "num_workers": Interval(int, 0, optional=True), "seed": Interval(int),
     "generator": Options(GENERATORS), "block_features": Options(BLOCK_FEATURES), "checkpoint_every": COUNT,
-    "calibration_images": COUNT,
+    "calibration_images": COUNT, "precision": Options(PRECISIONS),
 }
 
 
@@ -189,13 +223,17 @@ def resolve_methods(methods: str | Sequence[str]) -> list[str]:
 
 def resolve_images(images: str | Path | Sequence[Path] | ImageSource | ImageStream,
                    limit: int | None = None) -> ImageSource | ImageStream:
-    """A folder (searched recursively), a file list, tar shards (see :func:`open_images`) or a
-    list of files → a source; a source is returned as it is (``limit`` applies to the others)."""
+    """A folder (searched recursively), a file list, tar shards (see :func:`open_images`) or any
+    iterable of image paths → a source; a source is returned as it is (``limit`` applies to the
+    others)."""
     if isinstance(images, (str, Path)):
         return open_images(images, limit)
-    if isinstance(images, Sequence):
-        return ImageFiles(list(images)[:limit])
-    return images
+    if hasattr(images, "load"):  # an image source or stream (data.sources)
+        return images
+    if isinstance(images, Iterable):
+        return ImageFiles([Path(p) for p in itertools.islice(images, limit)])
+    raise SoapvitError(f"images must be a folder, a file list, tar shards, paths or an image source, not "
+                       f"{type(images).__name__}")
 
 
 def data_fingerprint(source: ImageSource | ImageStream) -> str:
@@ -224,6 +262,7 @@ def fit(
     seed: int = 0,
     norm: bool = True,
     block_features: str = "residual",
+    precision: str = "bf16",
     config: SoapConfig | None = None,
     methods: str | Sequence[str] = ("soap",),
     method_options: dict[str, dict] | None = None,
@@ -250,7 +289,10 @@ def fit(
 
     Under ``torchrun`` (a :mod:`torch.distributed` group) the processes share the images and
     return the same head as one process. ``checkpoint``: a folder where the state is saved every
-    ``checkpoint_every`` batches; rerunning the same fit resumes from it.
+    ``checkpoint_every`` batches; rerunning the same fit resumes from it. ``precision``: ``bf16``
+    (autocast on CUDA, the default) or ``fp32``; on the CPU both are float32.
+
+    Every tensor of the returned corrections is on the CPU, whatever the device of the fit.
     """
     validate(locals(), FIT_CONSTRAINTS)
     names = resolve_methods(methods)
@@ -274,18 +316,19 @@ def fit(
         saver = FitCheckpoint(checkpoint, checkpoint_every, {
             "backbone": backbone.model_id, "weights_digest": backbone.weights_digest(), "blocks": block_ids,
             "image_size": side, "norm": norm, "block_features": block_features, "images": data_fingerprint(source),
-            "batch_size": batch_size, "synthetic": n_synthetic, "generator": generator,
+            "batch_size": batch_size, "synthetic": n_synthetic, "generator": generator, "precision": precision,
             "generator_version": fakes.version, "seed": seed})
     torch.manual_seed(seed)
     stats, report = collect_statistics(
         backbone, source, fakes, blocks=block_ids, image_transform=transform, batch_size=batch_size, norm=norm,
-        block_features=block_features, cache_gb=cache_gb, num_workers=num_workers, progress=progress,
+        block_features=block_features, cache_gb=cache_gb, precision=precision, num_workers=num_workers,
+        progress=progress,
         checkpoint=saver, zero_image=any("zero_image" in e.requires for e in estimators.values()),
     )
     metadata = {
         "backbone": backbone.model_id, "weights_digest": backbone.weights_digest(), "blocks": block_ids,
         "image_size": side, "grid": [side // backbone.patch_size] * 2, "norm": norm,
-        "block_features": block_features,
+        "block_features": block_features, "precision": precision,
         "n_real": report.n_real, "n_synthetic": report.n_synthetic, "generator": generator,
         "generator_version": fakes.version, "seed": seed,
         "backbone_config": backbone.describe(), "soapvit_version": __version__, **report.log.to_dict(),
@@ -311,4 +354,5 @@ def fit(
     metadata = {**head.metadata, "methods": list(corrections), **report.log.to_dict()}
     report.settings = {k: v for k, v in metadata.items() if k not in ("skipped", "warnings")}
     report.results = head.summary()
+    corrections = {name: on_host(correction) for name, correction in corrections.items()}  # save, plots: CPU
     return CorrectionSet(corrections, metadata), report

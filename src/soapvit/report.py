@@ -172,6 +172,23 @@ def evaluation_variants(payload: Mapping, name: str = "evaluation") -> dict[str,
     }
 
 
+def read_evaluation(path: Path) -> Mapping:
+    """The JSON object of a ``soapvit eval … --out`` file; anything else (unreadable, not JSON, a
+    list, no ``"results"`` mapping) is a one-line :class:`SoapvitError` naming the file."""
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise SoapvitError(f"--eval {path}: cannot read it: {getattr(err, 'strerror', None) or err}") from None
+    except json.JSONDecodeError as err:
+        raise SoapvitError(f"--eval {path} is not JSON ({err.msg} at line {err.lineno}): give a file written by "
+                           "soapvit eval … --out") from None
+    if not isinstance(payload, Mapping):
+        raise SoapvitError(f"--eval {path} holds a JSON {type(payload).__name__}, not an object: give a file "
+                           "written by soapvit eval … --out")
+    evaluation_variants(payload, f"--eval {path}")
+    return payload
+
+
 def _format(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:.3f}"
 
@@ -320,7 +337,7 @@ def _evaluation_section(evaluations: Sequence[Path]) -> str:
     if not evaluations:
         parts.append('<p class="muted">No evaluation files given (<code>--eval</code>).</p>')
     for path in map(Path, evaluations):
-        payload = json.loads(path.read_text())
+        payload = read_evaluation(path)
         title = f"{path.name} ({payload['kind']})" if "kind" in payload else path.name
         parts.append(_evaluation_table(title, evaluation_variants(payload, path.name), payload.get("intervals")))
     parts.append("<p>Metrics as written by <code>soapvit eval</code> (percent where the evaluation reports "

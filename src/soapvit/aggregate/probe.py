@@ -120,7 +120,8 @@ def run_probe(backbone: Backbone, train: LabelledImages, val: LabelledImages, *,
                 torch.manual_seed(config.seed)
                 classifier = ProbeClassifier(make_pool(pool, dim, grid=train_cache.grid, **asdict(abmilp)), dim,
                                              num_classes)
-                score = train_probe(classifier, train_cache, val_cache, config, progress=progress)
+                score = train_probe(classifier, train_cache, val_cache, config, progress=progress,
+                                    device=backbone.device)
                 result = ProbeResult(pool, tokens, method, score.top1, score.top5, score.weight_entropy,
                                      score.weight_count90, score.seconds)
             results.setdefault(tokens, {})[pool] = asdict(result)

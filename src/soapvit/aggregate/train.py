@@ -110,17 +110,18 @@ def topk_accuracy(scores: Tensor, labels: Tensor, ks=(1, 5)) -> list[float]:
     return [float(hit[:, :k].any(dim=1).float().mean()) for k in ks]
 
 
-def _batch_inputs(cache: TokenCache, rows: Tensor, pooled: Tensor | None) -> tuple:
+def _batch_inputs(cache: TokenCache, rows: Tensor, pooled: Tensor | None, device: torch.device | None = None) -> tuple:
+    """The rows of a (host) cache as float inputs on ``device`` (the pooled features are there already)."""
     if pooled is not None:
-        return (pooled[rows].float(),)
-    return cache.prefix[rows].float(), cache.patches[rows].float()
+        return (pooled[rows.to(pooled.device)].float(),)
+    return tuple(t[rows].to(device or t.device, non_blocking=True).float() for t in (cache.prefix, cache.patches))
 
 
 def _pool_all(classifier: ProbeClassifier, cache: TokenCache, chunk: int = 1024) -> Tensor:
     out = []
     for start in range(0, cache.prefix.shape[0], chunk):
         rows = torch.arange(start, min(start + chunk, cache.prefix.shape[0]))
-        out.append(classifier.pool(cache.prefix[rows].float(), cache.patches[rows].float())[0])
+        out.append(classifier.pool(*_batch_inputs(cache, rows, None, _device(classifier)))[0])
     return torch.cat(out)
 
 
@@ -130,11 +131,20 @@ def _logits(classifier: ProbeClassifier, inputs: tuple) -> tuple[Tensor, Tensor 
     return classifier(*inputs)
 
 
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters(), torch.empty(0)).device
+
+
 def train_probe(classifier: ProbeClassifier, train: TokenCache, val: TokenCache, config: ProbeConfig | None = None,
-                progress: Progress | None = None) -> ProbeScore:
+                progress: Progress | None = None, device: torch.device | str | None = None) -> ProbeScore:
     """Train ``classifier`` on ``train`` (a random view per image each epoch) and score it on
-    the plain view of ``val``."""
+    the plain view of ``val``, on ``device`` (the backbone's; default: where the classifier is).
+    The caches may stay on the host: each batch is moved to the device. The loss is summed on
+    the device and read once per epoch (no host sync per step)."""
     config = config or ProbeConfig()
+    if device is not None:
+        classifier.to(device)
+    device = _device(classifier)
     start_time = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
@@ -155,20 +165,20 @@ def train_probe(classifier: ProbeClassifier, train: TokenCache, val: TokenCache,
     for epoch in range(config.epochs):
         order = torch.randperm(n, generator=generator)
         views = torch.randint(0, train.views, (n,), generator=generator)
-        epoch_loss = 0.0
+        epoch_loss = torch.zeros((), device=device)
         for b in range(steps_per_epoch):
             images = order[b * config.batch_size : (b + 1) * config.batch_size]
             rows = images * train.views + views[images]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, total, warmup, config.peak_lr)
-            logits, _ = _logits(classifier, _batch_inputs(train, rows, train_pooled))
-            loss = F.cross_entropy(logits, train.labels[images])
+            logits, _ = _logits(classifier, _batch_inputs(train, rows, train_pooled, device))
+            loss = F.cross_entropy(logits, train.labels[images].to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            epoch_loss += float(loss.detach())
+            epoch_loss += loss.detach()
             step += 1
-        history.append(epoch_loss / steps_per_epoch)
+        history.append(float(epoch_loss) / steps_per_epoch)
         if progress:
             progress("training", epoch + 1, config.epochs)
     score = evaluate_probe(classifier, val)
@@ -188,12 +198,12 @@ def evaluate_probe(classifier: ProbeClassifier, data: TokenCache, batch_size: in
     scores, entropies, counts = [], [], []
     for start in range(0, len(plain), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(plain)))
-        logits, weights = classifier(plain.prefix[rows].float(), plain.patches[rows].float())
-        scores.append(logits)
+        logits, weights = classifier(*_batch_inputs(plain, rows, None, _device(classifier)))
+        scores.append(logits.cpu())
         if weights is not None:
             e, c = distribution_statistics(weights)
-            entropies.append(e)
-            counts.append(c.float())
+            entropies.append(e.cpu())
+            counts.append(c.float().cpu())
     top1, top5 = topk_accuracy(torch.cat(scores), plain.labels)
     if entropies:
         return ProbeScore(top1, top5, float(torch.cat(entropies).mean()), float(torch.cat(counts).mean()))

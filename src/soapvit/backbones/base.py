@@ -144,6 +144,16 @@ class Backbone(nn.Module):
         sweep, the last child module of a timm block: the MLP branch's output (after layer scale),
         un-normalised, computed as block output minus the MLP's residual input.
         """
+        if not isinstance(pixels, Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3 \
+                or not pixels.is_floating_point():
+            got = (f"a {pixels.dtype} tensor of shape {tuple(pixels.shape)}" if isinstance(pixels, Tensor)
+                   else f"a {type(pixels).__name__}")
+            raise SoapvitError(f"pixels must be a float tensor (B, 3, H, W), normalised as the backbone's "
+                               f"image_mean/image_std give (ImageTransform.for_backbone), not {got}")
+        weight = next(self.parameters(), None)
+        if weight is not None and weight.is_floating_point() and pixels.dtype != weight.dtype \
+                and not torch.is_autocast_enabled(pixels.device.type):
+            pixels = pixels.to(weight.dtype)  # e.g. float64 pixels for float32 weights
         h, w = self.grid_size(pixels)
         block_ids = self.resolve_blocks(blocks)
         attn_ids = self.resolve_blocks(attentions) if attentions not in ((), [], None) else []

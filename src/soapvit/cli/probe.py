@@ -84,6 +84,9 @@ def probe_command(
     if method not in ("linear", "knn"):
         raise SoapvitError(f"--method must be one of linear, knn, not {method!r}")
     check_writable(out)
+    cache = None if no_cache else cache_dir or default_cache()
+    if cache is not None:  # a file or a read-only folder (also as $SOAPVIT_CACHE): one line, before any work
+        check_writable(cache, "--cache-dir" if cache_dir else "the probe cache ($SOAPVIT_CACHE/probe)")
     train_data = load_labelled(train, "train", per_class=per_class, what="--train")
     val_data = load_labelled(val, "val", per_class=val_per_class, what="--val")
     backbone, corrections = corrections_for(model, head, variants, device, allow_other_backbone)
@@ -91,7 +94,7 @@ def probe_command(
     with RichProgress() as progress:
         run = run_probe(backbone, train_data, val_data, pools=pools, method=method, corrections=corrections,
                         image_size=image_size, views=views, config=config, abmilp=abmilp, knn_k=knn_k,
-                        cache_dir=None if no_cache else cache_dir or default_cache(), batch_size=batch_size, progress=progress)
+                        cache_dir=cache, batch_size=batch_size, progress=progress)
     run.settings["head"] = str(head) if head else None
     settings = run.settings
     say(f"encoding {run.seconds['encode']:.1f} s ({settings['cache_parts_reused']}/{settings['cache_parts']} cache "

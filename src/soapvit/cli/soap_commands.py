@@ -30,7 +30,7 @@ def parse_mu(value: str) -> float | None:
 def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, blocks="all", apply_block=-1,
             image_size=None, batch_size=32, device=None, seed=0, variant="reference", weighting=None,
             mu="2", tau=0.05, remove="", generator="mixture", cache_gb=8.0, block_features="residual", threads=None,
-            checkpoint=None, checkpoint_every=100, methods="soap", calibration_images=256):
+            checkpoint=None, checkpoint_every=100, methods="soap", calibration_images=256, precision="bf16"):
     """Check every argument, then load, fit, save; returns ``(backbone, corrections, report)``.
 
     ``remove`` lists principal components by their 1-based number (``PC3`` → 3), as ``inspect``
@@ -45,8 +45,8 @@ def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, 
         set_threads(threads)
     validate({"limit": limit, "synthetic": synthetic, "image_size": image_size, "batch_size": batch_size,
               "cache_gb": cache_gb, "generator": generator, "seed": seed, "block_features": block_features,
-              "checkpoint_every": checkpoint_every, "calibration_images": calibration_images},
-             FIT_CONSTRAINTS)
+              "checkpoint_every": checkpoint_every, "calibration_images": calibration_images,
+              "precision": precision}, FIT_CONSTRAINTS)
     method_names = resolve_methods(methods)
     pcs = parse_int_list(remove, "--remove")
     if any(pc < 1 for pc in pcs):
@@ -69,7 +69,7 @@ def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, 
                                   device=backbone.device, seed=seed, config=config,
                                   methods="all" if methods == "all" else method_names,
                                   calibration_images=calibration_images, cache_gb=cache_gb,
-                                  block_features=block_features, checkpoint=checkpoint,
+                                  block_features=block_features, precision=precision, checkpoint=checkpoint,
                                   checkpoint_every=checkpoint_every, progress=progress)
     if distributed.is_main():
         corrections.save(out)
@@ -111,6 +111,8 @@ def fit_command(
              "top-pc, position-pc, high-norm, registers.")] = "soap",
     calibration_images: Annotated[int, typer.Option(
         help="Real images of the calibration pass of a method that needs one (registers).")] = 256,
+    precision: Annotated[str, typer.Option(
+        help="bf16 (autocast on a GPU) or fp32 (no autocast); the CPU always runs float32.")] = "bf16",
 ) -> None:
     """Fit a SOAP head (and, with --methods, its alternatives): PCA of patch tokens, SI scores,
     projector (torchrun: on several processes)."""
@@ -119,7 +121,7 @@ def fit_command(
                               device=device, seed=seed, variant=variant, weighting=weighting, mu=mu, tau=tau,
                               remove=remove, generator=generator, cache_gb=cache_gb, block_features=block_features,
                               threads=threads, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                                     methods=methods, calibration_images=calibration_images)
+                                     methods=methods, calibration_images=calibration_images, precision=precision)
     print_log(result)
     head = corrections.soap
     say(f"fitted {len(head.blocks)} block(s) on {result.n_real} real + {result.n_synthetic} synthetic "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 import struct
 import warnings
@@ -43,6 +44,8 @@ MAX_PIXELS = 2**25
 MAX_DECODE_PIXELS = 2**26
 """Most pixels decoded at once (JPEGs count at their reduced decoding size); beyond: skipped."""
 SIXTEEN_BIT_MAX = 65535
+NAME_KEY = "soapvit.name"
+"""``Image.info`` key under which :func:`load_image` records the name of the image it returns."""
 # What Pillow's decoders raise on corrupt, truncated or hostile files.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, ZeroDivisionError,
                  struct.error, Image.DecompressionBombError)
@@ -77,21 +80,39 @@ def list_images(folder: str | Path, limit: int | None = None, *, what: str = "--
     return files[:limit] if limit else files
 
 
-def _scan(folder: Path, recursive: bool) -> Iterator[Path]:
+def _scan(folder: Path, recursive: bool, seen: set[tuple[int, int]] | None = None) -> Iterator[Path]:
     """Visible image files under ``folder`` in path order (each folder's entries sorted by name,
     depth first), from :func:`os.scandir`: entries carry their type, so a million-file folder
-    costs no stat call per file and no global sort."""
+    costs no stat call per file and no global sort. A folder is entered once: a symlink back to a
+    folder already scanned (a loop) or a link loop is skipped with a warning naming it."""
+    if seen is None:
+        seen = {_identity(folder)}
     with os.scandir(folder) as scanned:
         entries = sorted(scanned, key=lambda entry: entry.name)
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.is_file() or (entry.is_symlink() and not entry.is_dir()):
-            # a dangling link is listed too: reading it fails, and the run lists it as skipped
+        try:
+            is_dir, is_file = entry.is_dir(), entry.is_file()
+        except OSError:  # a link loop: neither, listed below (reading it fails with the reason)
+            is_dir, is_file = False, False
+        if is_file or (entry.is_symlink() and not is_dir):
+            # a dangling link (or a link loop) is listed too: reading it fails, and the run lists it as skipped
             if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 yield Path(entry.path)
-        elif recursive and entry.is_dir():
-            yield from _scan(Path(entry.path), recursive)
+        elif recursive and is_dir:
+            identity = _identity(entry.path)
+            if identity in seen:
+                warnings.warn(f"skipped folder {entry.path}: a link to a folder already scanned "
+                              f"({os.path.realpath(entry.path)}), not followed twice", stacklevel=3)
+                continue
+            seen.add(identity)
+            yield from _scan(Path(entry.path), recursive, seen)
+
+
+def _identity(path: str | Path) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
 
 
 def open_image(path: str | Path | BinaryIO) -> Image.Image:
@@ -127,6 +148,7 @@ def load_image(path: str | Path | BinaryIO, *, name: str | None = None) -> Image
     if image.width * image.height < stored[0] * stored[1]:
         warnings.warn(f"image {name} is {stored[0]}x{stored[1]}, more than {MAX_PIXELS} pixels (MAX_PIXELS): "
                       f"downscaled to {image.width}x{image.height}", stacklevel=2)
+    image.info[NAME_KEY] = name  # so later warnings (the transform's token cap) can name the file
     return image
 
 
@@ -148,8 +170,12 @@ def read_annotation(path: str | Path, size: tuple[int, int] | None = None, *, ki
     return annotation
 
 
+STREAM_REPR = re.compile(r"\s*<_io\.\w+ object at 0x[0-9a-fA-F]+>")
+
+
 def _read_error(kind: str, path: str | Path, err: BaseException) -> ImageReadError:
-    reason = " ".join(str(err).split()) or type(err).__name__
+    # Pillow names a stream by its repr (``<_io.BytesIO object at 0x…>``): the name says it already
+    reason = STREAM_REPR.sub("", " ".join(str(err).split())) or type(err).__name__
     return ImageReadError(f"cannot read {kind} {path}: {reason}")
 
 

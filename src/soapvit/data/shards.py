@@ -24,6 +24,9 @@ from .images import DataFolderError, ImageReadError, load_image
 IMAGE_PARTS = ("jpg", "jpeg", "png")
 LABEL_PART = "cls"
 SHOWN_SKIPS = 5
+MAX_MEMBER_BYTES = 256 * 2**20
+"""Most bytes one tar member may hold: a larger one is skipped with its sample, unread (a gzip bomb
+in a small shard never reaches memory)."""
 
 
 def shard_files(folder: str | Path, split: str, *, what: str = "--data") -> list[Path]:
@@ -86,23 +89,31 @@ def _samples(shards: list[Path], skipped: list[str]) -> Iterator[tuple[str, dict
 
 def _read_shard(shard: Path, skipped: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples of one shard as they are read (a sample's members are consecutive, as in
-    webdataset); a damaged archive ends with the last complete sample before the damage."""
-    key, parts, count = None, {}, 0
+    webdataset); a damaged archive ends with the last complete sample before the damage. A sample
+    with a member larger than :data:`MAX_MEMBER_BYTES` is skipped, the member named in ``skipped``."""
+    key, parts, count, oversized = None, {}, 0, False
     try:
         with tarfile.open(shard, "r:*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 name, _, ext = member.name.rpartition(".")
-                if name != key and parts:
-                    yield key, parts
-                    count, parts = count + 1, {}
+                if name != key:
+                    if parts and not oversized:
+                        yield key, parts
+                        count += 1
+                    parts, oversized = {}, False
                 key = name
-                parts[ext.lower()] = tar.extractfile(member).read()
+                if member.size > MAX_MEMBER_BYTES:
+                    skipped.append(f"{shard.name}:{member.name}: {member.size} bytes, more than "
+                                   f"{MAX_MEMBER_BYTES} (MAX_MEMBER_BYTES): sample skipped unread")
+                    oversized = True
+                if not oversized:
+                    parts[ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         skipped.append(f"{shard.name}: unreadable after {count} samples ({err})")
         return
-    if parts:
+    if parts and not oversized:
         yield key, parts
 
 

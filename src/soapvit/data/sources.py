@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -193,22 +193,49 @@ def _failing_loader(error: ImageReadError) -> Loader:
 
 BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
+MAX_SHARDS = 100_000
+"""Most shards a brace pattern may name: beyond, the pattern is refused before any is opened."""
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """Shell-style ``{000..012}`` ranges (zero padding kept) and ``{a,b}`` lists, left to right."""
+def iter_braces(pattern: str) -> Iterator[str]:
+    """Shell-style ``{000..012}`` ranges (zero padding kept) and ``{a,b}`` lists, left to right,
+    one name at a time: a range of millions costs nothing until its names are asked for."""
     matches = [m for m in (BRACE_RANGE.search(pattern), BRACE_LIST.search(pattern)) if m is not None]
     if not matches:
-        return [pattern]
+        yield pattern
+        return
     match = min(matches, key=lambda m: m.start())
     if match.re is BRACE_RANGE:
         first, last = match.group(1), match.group(2)
         width = len(first) if first.startswith("0") else 0
-        options = [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
+        options: Iterable[str] = (str(n).zfill(width) for n in range(int(first), int(last) + 1))
     else:
         options = match.group(1).split(",")
     head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+    for option in options:
+        yield from iter_braces(head + option + tail)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Every name of :func:`iter_braces` as a list."""
+    return list(iter_braces(pattern))
+
+
+def shard_paths(pattern: str, what: str = "--images") -> list[Path]:
+    """The shards a path or brace pattern names, each an existing file: the first missing one
+    ends the expansion with an error naming it and the pattern, and a pattern naming more than
+    :data:`MAX_SHARDS` is refused once that many have been seen (nothing is stat-ed beyond)."""
+    shards = []
+    for name in iter_braces(pattern):
+        if len(shards) >= MAX_SHARDS:
+            raise DataFolderError(f"{what} {pattern}: names more than {MAX_SHARDS} shards (MAX_SHARDS); "
+                                  "give a smaller range")
+        path = Path(name)
+        if not path.is_file():
+            kind = "is not a file" if path.exists() else "does not exist"
+            raise DataFolderError(f"{what} {pattern}: shard {path} {kind}")
+        shards.append(path)
+    return shards
 
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -220,12 +247,7 @@ def open_images(spec: str | Path, limit: int | None = None, *, what: str = "--im
     comments ignored); or a folder searched recursively. At most ``limit`` images."""
     text = str(spec)
     if text.endswith(SHARD_SUFFIXES):
-        shards = [Path(p) for p in expand_braces(text)]
-        missing = [p for p in shards if not p.is_file()]
-        if missing:
-            raise DataFolderError(f"{what}: shard {missing[0]} does not exist"
-                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        return TarShards(shards, limit)
+        return TarShards(shard_paths(text, what), limit)
     path = Path(spec)
     if path.is_file():
         return ImageFiles(read_file_list(path, what)[:limit])

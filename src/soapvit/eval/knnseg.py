@@ -1,12 +1,19 @@
-"""Per-patch kNN semantic segmentation (Hummingbird-style) of the original tokens and every
-correction's variant (one pass where a variant maps the output), with paired intervals.
+"""Per-patch kNN semantic segmentation of the original tokens and every correction's variant
+(one pass where a variant maps the output), with paired intervals. Two protocols, named by
+``KnnConfig.protocol`` and recorded in the report:
 
-Memory bank: the L2-normalised patch tokens of the training images, each with a soft label
-(the class histogram of its pixels at model-input resolution, ignore label excluded; patches
-with no labelled pixel are left out). A query patch takes its ``k`` most cosine-similar bank
+``hummingbird`` (Balažević et al., NeurIPS 2023; the default). Memory bank: the L2-normalised
+patch tokens of the training images, each with a soft label (the class histogram of its pixels
+at model-input resolution, ignore label excluded; patches with no labelled pixel are left out).
+A query patch takes its ``k`` most cosine-similar bank
 patches and votes with ``softmax(sim / T)`` weights over their soft labels; the class scores are
 upsampled (nearest or bilinear) to the label map's resolution, argmax'ed and scored (mIoU and
-pixel accuracy, ignore excluded; supervised labels, so no Hungarian matching).
+pixel accuracy, ignore excluded). ``hungarian=True`` (off by default; the public
+open-hummingbird-eval code applies it) relabels each variant's predictions by the one-to-one
+class matching that maximises the matched pixels of its dataset confusion matrix
+(:func:`scipy.optimize.linear_sum_assignment`) before scoring.
+
+``capi`` (Darcet et al., 2025, CAPI's ``eval_segmentation.py``): :mod:`.knn_capi`.
 
 The similarity search is chunked over queries and over the bank so that the similarity block
 stays inside ``memory_mb`` on any device; ``max_bank`` caps the bank by sampling patches
@@ -38,8 +45,9 @@ from .metrics import SegmentationMetrics, across_ranks
 from .variants import describe_variant, plan_variants
 
 UPSAMPLING = ("nearest", "bilinear")
+PROTOCOLS = ("hummingbird", "capi")
 CONSTRAINTS = {
-    "k": COUNT, "temperature": POSITIVE, "upsample": Options(UPSAMPLING), "image_size": OPTIONAL_COUNT,
+    "protocol": Options(PROTOCOLS), "k": COUNT, "temperature": POSITIVE, "upsample": Options(UPSAMPLING), "image_size": OPTIONAL_COUNT,
     "resample": Options(tuple(RESAMPLING)), "max_bank": OPTIONAL_COUNT, "memory_mb": POSITIVE, "batch_size": COUNT,
     "seed": Interval(int),
 }
@@ -47,6 +55,7 @@ CONSTRAINTS = {
 
 @dataclass
 class KnnConfig:
+    protocol: str = "hummingbird"
     k: int = 30
     temperature: float = 0.02
     upsample: str = "nearest"
@@ -56,15 +65,39 @@ class KnnConfig:
     memory_mb: float = 256.0
     batch_size: int = 8
     seed: int = 0
+    hungarian: bool = False  # hummingbird only
+    # capi only: the candidates of the choice and the share of train held out for it
+    k_choices: tuple[int, ...] = (1, 3, 10, 30)
+    distances: tuple[str, ...] = ("cosine", "l2")
+    holdout: float = 0.1
 
     def __post_init__(self) -> None:
-        validate(self.__dict__, CONSTRAINTS)
+        validate({k: v for k, v in self.__dict__.items() if k in CONSTRAINTS}, CONSTRAINTS)
+        self.k_choices, self.distances = tuple(int(k) for k in self.k_choices), tuple(self.distances)
+        if not self.k_choices or min(self.k_choices) < 1:
+            raise SoapvitError(f"k choices must be counts >= 1, not {self.k_choices}")
+        if not self.distances or set(self.distances) - {"cosine", "l2"}:
+            raise SoapvitError(f"distances must be cosine and/or l2, not {self.distances}")
+        if not 0 < self.holdout < 1:
+            raise SoapvitError(f"the held-out share of train must be in (0, 1), not {self.holdout}")
+        if self.protocol == "capi" and self.hungarian:
+            raise SoapvitError("--hungarian belongs to the hummingbird protocol (capi scores its labels as they are)")
         if self.max_bank is not None and self.max_bank < self.k:
             raise SoapvitError(f"--max-bank ({self.max_bank}) must be at least --k ({self.k})")
 
     def image_transform(self, backbone: Backbone) -> ImageTransform:
+        if self.protocol == "capi":  # 224 × 224 bicubic (or --image-size), masks nearest
+            return ImageTransform.for_backbone(backbone, size=self.image_size or 224, mode="square",
+                                               resample=self.resample)
         size = self.image_size or backbone.image_size
         return ImageTransform.for_backbone(backbone, size=size, mode="aspect", resample=self.resample)
+
+    def to_settings(self) -> dict:
+        """The settings the protocol uses (the other protocol's fields left out)."""
+        out = dict(self.__dict__)
+        drop = ("k", "temperature", "upsample", "max_bank", "hungarian") if self.protocol == "capi" else (
+            "k_choices", "distances", "holdout")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items() if k not in drop}
 
 
 def patch_soft_labels(labels: np.ndarray, patch: int, num_classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -112,6 +145,56 @@ def upsample_scores(scores: Tensor, size: tuple[int, int], mode: str) -> Tensor:
     """``(C, h, w)`` → ``(C, H, W)``."""
     kwargs = {"align_corners": False} if mode == "bilinear" else {}
     return F.interpolate(scores[None], size=size, mode=mode, **kwargs)[0]
+
+
+def confusion_matrix(prediction: np.ndarray, labels: np.ndarray, num_classes: int,
+                     ignore_index: int | None) -> np.ndarray:
+    """``(C, C)`` pixel counts, rows the label, columns the prediction; ignored pixels left out."""
+    gt, pred = labels.reshape(-1).astype(np.int64), prediction.reshape(-1).astype(np.int64)
+    keep = (gt >= 0) & (gt < num_classes) & (pred >= 0) & (pred < num_classes)
+    if ignore_index is not None:
+        keep &= gt != ignore_index
+    return np.bincount(gt[keep] * num_classes + pred[keep], minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def hungarian_matching(confusion: np.ndarray) -> np.ndarray:
+    """``assigned[p]``: the label class predicted class ``p`` is renamed to, the one-to-one
+    matching that maximises the matched pixels of ``confusion`` (rows labels, columns predictions)."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(confusion, maximize=True)
+    assigned = np.arange(confusion.shape[1])
+    assigned[cols] = rows
+    return assigned
+
+
+@dataclass
+class ConfusionMetrics:
+    """Per-image confusion matrices, scored after one dataset-level Hungarian matching."""
+
+    num_classes: int
+    ignore_index: int | None = None
+    confusions: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def add(self, prediction: np.ndarray, labels: np.ndarray, index: int) -> None:
+        self.confusions[int(index)] = confusion_matrix(prediction, labels, self.num_classes, self.ignore_index)
+
+    def merge(self, other: ConfusionMetrics) -> ConfusionMetrics:
+        self.confusions.update(other.confusions)
+        return self
+
+    def matched(self) -> tuple[SegmentationMetrics, np.ndarray]:
+        """The per-image tp/fp/fn after the matching of the summed confusion, and the matching."""
+        c = self.num_classes
+        total = sum(self.confusions.values(), np.zeros((c, c), np.int64))
+        assigned = hungarian_matching(total)
+        metrics = SegmentationMetrics(c, self.ignore_index)
+        for index, confusion in self.confusions.items():
+            renamed = np.zeros_like(confusion)
+            renamed[:, assigned] = confusion  # column p moves to column assigned[p]
+            tp = np.diag(renamed)
+            metrics.counts[index] = np.stack([tp, renamed.sum(0) - tp, renamed.sum(1) - tp], axis=1)
+        return metrics, assigned
 
 
 @dataclass
@@ -207,6 +290,11 @@ def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: Segmentat
     config = config or KnnConfig()
     if train.num_classes != val.num_classes:
         raise SoapvitError(f"--train has {train.num_classes} classes but --val has {val.num_classes}")
+    if config.protocol == "capi":
+        from .knn_capi import evaluate_capi
+
+        return evaluate_capi(backbone, train, val, corrections=corrections, config=config, num_workers=num_workers,
+                             progress=progress)
     log = RunLog()
     for path in train.missing + val.missing:
         log.skip(str(path), "no label map with this stem")
@@ -215,7 +303,8 @@ def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: Segmentat
     bank = build_memory_bank(backbone, train, config, corrections=corrections, log=log, num_workers=num_workers,
                              progress=progress)
     seconds = {"bank": time.perf_counter() - start, "search": 0.0}
-    metrics = {v: SegmentationMetrics(val.num_classes, val.ignore_index) for v in bank.features}
+    accumulator = ConfusionMetrics if config.hungarian else SegmentationMetrics
+    metrics = {v: accumulator(val.num_classes, val.ignore_index) for v in bank.features}
     block, done, n_queries = backbone.num_blocks - 1, 0, 0
     for batch in iter_tokens(backbone, val, config.image_transform(backbone), blocks=block, corrections=corrections,
                              batch_size=config.batch_size, num_workers=num_workers, across_ranks=True, log=log,
@@ -236,12 +325,20 @@ def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: Segmentat
     done, n_queries = distributed.all_reduce_sum(torch.tensor([done, n_queries])).tolist()
     if done == 0:
         raise SoapvitError(f"--val: no validation image could be read; first problems: {'; '.join(log.lines()[:3])}")
+    matchings = {}
+    if config.hungarian:
+        for v in list(metrics):
+            metrics[v], assigned = metrics[v].matched()
+            matchings[v] = {val.class_names[p]: val.class_names[g] for p, g in enumerate(assigned)}
     t0 = time.perf_counter()
     intervals = against_original(metrics)
     seconds["intervals"] = time.perf_counter() - t0
+    results = {v: m.result(val.class_names) for v, m in metrics.items()}
+    for v, matching in matchings.items():
+        results[v]["hungarian_matching"] = matching  # predicted class → the label class it is scored as
     return KnnReport(
-        results={v: m.result(val.class_names) for v, m in metrics.items()},
-        settings={**config.__dict__, "model": backbone.model_id, "device": str(backbone.device),
+        results=results,
+        settings={**config.to_settings(), "model": backbone.model_id, "device": str(backbone.device),
                   "layout": val.layout, "ignore_index": val.ignore_index, "n_train": len(train), "n_val": done,
                   "variants": {name: describe_variant(c) for name, c in corrections.items()},
                   "bootstrap": bootstrap_settings()},

@@ -1,0 +1,76 @@
+"""Linear segmentation probe (``soapvit eval linseg``) end to end: feature caching, training
+iterations/s, evaluation images/s and query patches/s, peak memory, and the probe's mIoU.
+
+    python benchmarks/linseg_probe.py --model zoo:mae --root ../shared/data/camvid --iterations 1000
+
+Peak memory: the process's maximum resident set (``resource.getrusage``, includes torch's
+tensors) and the peak of Python-level allocations (``tracemalloc``; torch's CPU tensors are not
+traced there); the float16 feature cache's size is computed from its shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import resource
+import time
+import tracemalloc
+
+import torch
+
+from soapvit.backbones import load
+from soapvit.data.segmentation import SegmentationSplit
+from soapvit.eval.linear_seg import LinearSegConfig, evaluate_linear_seg
+
+
+def subset(split: SegmentationSplit, limit: int | None) -> SegmentationSplit:
+    return split if limit is None else dataclasses.replace(split, samples=split.samples[:limit])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="zoo:mae")
+    parser.add_argument("--root", default="../shared/data/camvid")
+    parser.add_argument("--train-limit", type=int, default=None)
+    parser.add_argument("--val-limit", type=int, default=None)
+    parser.add_argument("--iterations", type=int, default=LinearSegConfig.iterations)
+    parser.add_argument("--batch-size", type=int, default=LinearSegConfig.batch_size)
+    parser.add_argument("--image-size", type=int, default=None, help="square side (default: the model's)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    backbone = load(args.model, device=args.device)
+    train = subset(SegmentationSplit.open(f"{args.root}/train"), args.train_limit)
+    val = subset(SegmentationSplit.open(f"{args.root}/test", what="--val"), args.val_limit)
+    config = LinearSegConfig(iterations=args.iterations, batch_size=args.batch_size, image_size=args.image_size)
+    print(f"# {args.model} on {args.root}: {len(train)} train, {len(val)} test images; "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, device {args.device}")
+    tracemalloc.start()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    report = evaluate_linear_seg(backbone, train, val, config=config)
+    wall = time.perf_counter() - t0
+    _, traced = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    s, r = report.seconds, report.results["original"]
+    side = report.settings["input"][0]
+    grid = side // backbone.patch_size
+    cache_mb = report.n_train * grid * grid * backbone.embed_dim * 2 / 2**20
+    n_val = report.settings["n_val"]
+    print(f"input {side}x{side} ({grid}x{grid} patches), {config.iterations} iterations of {config.batch_size} images")
+    print(f"mIoU {r['miou']:.2f}, pixel acc {r['acc']:.2f}; loss {r['first_loss']:.3f} -> {r['final_loss']:.3f}")
+    print(f"wall {wall:.1f} s: features {s['features']:.1f} s ({report.n_train / s['features']:.1f} train images/s), "
+          f"training {s['train']:.1f} s ({config.iterations / s['train']:.1f} iterations/s), "
+          f"evaluation {s['eval']:.1f} s ({n_val / s['eval']:.2f} images/s, "
+          f"{n_val * grid * grid / s['eval']:.0f} query patches/s)")
+    cuda = f", CUDA peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MB" if torch.cuda.is_available() else ""
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB, tracemalloc peak "
+          f"{traced / 2**20:.1f} MB, float16 feature cache {cache_mb:.1f} MB per variant{cuda}")
+
+
+if __name__ == "__main__":
+    main()
