@@ -77,25 +77,45 @@ def with_interval(results: dict, intervals: dict, variant: str, key: str) -> str
     return f"{value:.2f}" if ci is None else f"{value:.2f} ({ci['delta']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}])"
 
 
+def variant_runs(kind: str, model: str) -> list[dict]:
+    """``results/{kind}-{model}.json`` and the runs of variants scored apart
+    (``{kind}-{model}-*.json``, e.g. a variant with a forward pass of its own on fewer images)."""
+    main = load(f"{kind}-{model}")
+    extra = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{kind}-{model}-*.json"))]
+    return [run for run in (main, *extra) if run is not None and "intervals" in run]
+
+
+def images_of(run: dict) -> int | None:
+    original = run["results"].get("original", {})
+    return original.get("n_images") or run["settings"].get("n_val") or run["settings"].get("n_images")
+
+
 def variant_rows(kinds: dict[str, tuple[str, ...]], header: str) -> str:
-    """One row per backbone and variant; for each ``kind`` (``tokencut``, ``knnseg``, ``warp``) the
-    given metrics of ``results/{kind}-{model}.json`` with their intervals."""
+    """One row per backbone and variant; for each ``kind`` (``tokencut``, ``knnseg``) the given
+    metrics with their intervals. A variant scored in a separate run on fewer images than the main
+    run is labelled with its image count (its interval is against the original on those images)."""
     columns = sum(len(keys) for keys in kinds.values())
     rows = [header, "|---" * (columns + 2) + "|"]
     for model, label in MODELS.items():
-        runs = {kind: load(f"{kind}-{model}") for kind in kinds}
-        runs = {kind: run for kind, run in runs.items() if run is not None and "intervals" in run}
-        if not runs:
+        runs = {kind: variant_runs(kind, model) for kind in kinds}
+        if not any(runs.values()):
             continue
-        variants = list(dict.fromkeys(v for run in runs.values() for v in run["results"] if "/" not in v))
-        for variant in variants:
-            cells = []
-            for kind, keys in kinds.items():
-                run = runs.get(kind)
-                for key in keys:
-                    ok = run is not None and key in run["results"].get(variant, {})
-                    cells.append(with_interval(run["results"], run["intervals"], variant, key) if ok else "")
-            rows.append(f"| {label} | {variant} | " + " | ".join(cells) + " |")
+        cells: dict[str, dict[str, str]] = {}
+        for kind, keys in kinds.items():
+            full = images_of(runs[kind][0]) if runs[kind] else None
+            for run in runs[kind]:
+                n = images_of(run)
+                for variant in run["results"]:
+                    if "/" in variant or (run is not runs[kind][0] and variant in ("original", "soap")):
+                        continue
+                    name = variant if n == full else f"{variant} (first {n} images)"
+                    for key in keys:
+                        if key in run["results"][variant]:
+                            cells.setdefault(name, {})[f"{kind}.{key}"] = with_interval(
+                                run["results"], run["intervals"], variant, key)
+        for name, row in cells.items():
+            values = [row.get(f"{kind}.{key}", "") for kind, keys in kinds.items() for key in keys]
+            rows.append(f"| {label} | {name} | " + " | ".join(values) + " |")
     return "\n".join(rows)
 
 

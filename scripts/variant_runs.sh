@@ -10,8 +10,8 @@ IMAGENET=../shared/data/imagenet-sample
 mkdir -p runs results
 case "${1:?imgfocus, mae or clip}" in
 imgfocus)
-    # the corrections that map the output share one pass over all images; test-time registers edit
-    # the forward pass (a second pass), so on this CPU they are scored on the first 200 images
+    # the corrections that map the output share one pass; test-time registers edit the forward pass
+    # (a pass of their own), so on this CPU their TokenCut run takes the first 200 images
     MAPS=soap,posmean,blank,zero-subspace,top-pc,position-pc,high-norm
     [ -f runs/imgfocus-all.safetensors ] || soapvit fit --model zoo:dinov2-s14-imgfocus --images $IMAGENET \
         --synthetic 1000 --blocks all --methods all --out runs/imgfocus-all.safetensors
@@ -23,6 +23,9 @@ imgfocus)
         --out results/tokencut-imgfocus-registers.json
     soapvit eval knnseg --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors --variants $MAPS \
         --train $CAMVID/train --val $CAMVID/test --max-bank 20000 --out results/knnseg-imgfocus.json
+    soapvit eval knnseg --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors \
+        --variants soap,registers --train $CAMVID/train --val $CAMVID/test --max-bank 20000 \
+        --out results/knnseg-imgfocus-registers.json
     soapvit eval artifacts --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors \
         --images $IMAGENET --limit 200 --out results/artifacts-imgfocus.json
     soapvit eval warp --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors \
@@ -41,16 +44,19 @@ mae)
         --val $CAMVID/test --out results/knnseg-mae.json
     ;;
 clip)
-    soapvit fit --model zoo:clip-b16 --images $IMAGENET --limit 300 --synthetic 300 --blocks all --methods all \
+    # the map corrections only (registers not calibrated here: CPU time); CamVid, artifacts and
+    # warp were not run for CLIP in this round
+    MAPS=soap,posmean,blank,zero-subspace,top-pc,position-pc,high-norm
+    soapvit fit --model zoo:clip-b16 --images $IMAGENET --limit 300 --synthetic 300 --blocks all --methods $MAPS \
         --out runs/clip-all.safetensors
     soapvit inspect runs/clip-all.safetensors --json > results/fit-clip-residual.json
-    soapvit eval tokencut --model zoo:clip-b16 --head runs/clip-all.safetensors --images $ECSSD/images \
-        --masks $ECSSD/masks --limit 200 --out results/tokencut-clip.json
+    soapvit eval tokencut --model zoo:clip-b16 --head runs/clip-all.safetensors --variants $MAPS \
+        --images $ECSSD/images --masks $ECSSD/masks --limit 200 --out results/tokencut-clip.json
+    soapvit eval knnseg --model zoo:clip-b16 --head runs/clip-all.safetensors --variants $MAPS \
+        --train $CAMVID/train --val $CAMVID/test --max-bank 20000 --out results/knnseg-clip.json
     soapvit eval artifacts --model zoo:clip-b16 --head runs/clip-all.safetensors --images $IMAGENET --limit 200 \
         --out results/artifacts-clip.json
     soapvit eval warp --model zoo:clip-b16 --head runs/clip-all.safetensors --images $IMAGENET --limit 200 \
         --out results/warp-clip.json
-    soapvit eval knnseg --model zoo:clip-b16 --head runs/clip-all.safetensors --train $CAMVID/train \
-        --val $CAMVID/test --max-bank 60000 --out results/knnseg-clip.json
     ;;
 esac

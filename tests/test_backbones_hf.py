@@ -169,3 +169,10 @@ def test_an_unreachable_hub_fails_fast_with_a_hint(monkeypatch):
     with pytest.raises(SoapvitError, match="hub is not reachable.*local folder"):
         hf.load_hf("soapvit-tests/no-such-model")
     assert time.perf_counter() - start < 20  # no network retries
+
+
+def test_a_folder_without_preprocessing_config_warns_what_is_assumed(tmp_path):
+    from soapvit.backbones.hf import preprocessing
+
+    with pytest.warns(UserWarning, match="no preprocessor_config.json; assuming the ImageNet mean/std"):
+        assert preprocessing(str(tmp_path)) == {}

@@ -1,6 +1,7 @@
 """kNN segmentation: soft labels, chunked search against brute force, split layouts, end to end."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,11 +92,9 @@ def test_knnseg_end_to_end_and_bank_cap(colour_backbone, splits):
 
 
 def test_camvid_layout_of_shared_data():
-    root = "/work/shared/data/camvid"
-    import os
-
-    if not os.path.isdir(root):
-        pytest.skip("shared CamVid not present")
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"  # ../shared from the repository
+    if not root.is_dir():
+        pytest.skip(f"shared CamVid not present at {root}")
     train = SegmentationSplit.open(f"{root}/train")
     test = SegmentationSplit.open(f"{root}/test", what="--val")
     assert (train.layout, len(train), len(test)) == ("camvid", 367, 233)

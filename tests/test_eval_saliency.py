@@ -121,6 +121,7 @@ def test_cli_tokencut_json_and_figure(folder, tmp_path, capsys):
     assert payload["kind"] == "tokencut" and set(payload["results"]) == {"original", "soap"}
     assert {"maxFbeta", "iou", "acc", "n_images"} <= set(payload["results"]["original"])
     assert payload["results"]["original"]["n_images"] == 7 and {"skipped", "warnings", "settings"} <= set(payload)
+    assert not {"private_fields", "examples"} & set(payload)  # class settings and figures stay out of the JSON
     assert (tmp_path / "r_masks.png").is_file()
     f, iou, acc = recompute(tmp_path / "m" / "soap", folder / "masks", [f"{i:04d}" for i in range(7)])
     assert payload["results"]["soap"]["iou"] == pytest.approx(iou, abs=1e-6)

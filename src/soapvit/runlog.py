@@ -8,6 +8,7 @@ report derived from :class:`RunReport`, so every JSON and head file carries the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,8 +76,8 @@ class RunReport:
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind}
-        for name in self.__dataclass_fields__:
-            if name == "log" or name in self.private_fields:
+        for f in dataclasses.fields(self):  # instance fields only: not the ClassVars kind, private_fields
+            if f.name == "log" or f.name in self.private_fields:
                 continue
-            out[name] = getattr(self, name)
+            out[f.name] = getattr(self, f.name)
         return out | self.log.to_dict()

@@ -22,6 +22,7 @@ import inspect
 import os
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -207,7 +208,10 @@ class HFBackbone(Backbone):
 
 def preprocessing(source: str) -> dict:
     """``image_mean``/``image_std``/``image_size`` from the checkpoint's
-    ``preprocessor_config.json`` when there is one (local folder, else the hub's cache)."""
+    ``preprocessor_config.json`` when there is one (local folder, else the hub's cache); without
+    one, a warning says what is assumed."""
+    assumed = (f"{source}: no preprocessor_config.json{{}}; assuming the ImageNet mean/std and the "
+               "config's image size")
     path = Path(source) / "preprocessor_config.json"
     if not Path(source).is_dir():
         try:
@@ -215,9 +219,12 @@ def preprocessing(source: str) -> dict:
 
             cached = try_to_load_from_cache(source, "preprocessor_config.json")
             path = Path(cached if isinstance(cached, str) else hf_hub_download(source, "preprocessor_config.json"))
-        except Exception:  # no hub, no file: the caller keeps its defaults
+        except Exception as err:  # no hub, no file: the defaults, said
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            warnings.warn(assumed.format(f" ({first})"), stacklevel=2)
             return {}
     if not path.is_file():
+        warnings.warn(assumed.format(""), stacklevel=2)
         return {}
     try:
         cfg = json.loads(path.read_text())
