@@ -87,7 +87,8 @@ def variant_runs(kind: str, model: str) -> list[dict]:
 
 def images_of(run: dict) -> int | None:
     original = run["results"].get("original", {})
-    return original.get("n_images") or run["settings"].get("n_val") or run["settings"].get("n_images")
+    settings = run.get("settings", {})
+    return original.get("n_images") or settings.get("n_val") or settings.get("n_images")
 
 
 def variant_rows(kinds: dict[str, tuple[str, ...]], header: str) -> str:

@@ -91,3 +91,17 @@ def test_list_images_recursive_for_class_folders(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)] == [
         "n01/0.JPEG", "n01/1.JPEG", "n02/0.JPEG", "n02/1.JPEG"]
     assert [p.name for p in list_images(tmp_path, 3, recursive=True)] == ["0.JPEG", "1.JPEG", "0.JPEG"]
+
+
+def test_inspect_flags_components_removed_below_the_si_threshold(run_cli, tmp_path):
+    import torch
+    from eval_helpers import make_head
+
+    head = make_head(torch.diag(torch.tensor([0.0, 1.0, 1.0])), apply_block=0)
+    head.blocks[0].si = torch.tensor([0.71, 0.2, 0.1], dtype=torch.float64)  # PC1 removed at chance-level SI
+    code, out, err = run_cli(["inspect", str(head.save(tmp_path / "h.safetensors"))])
+    assert code in (0, None), err
+    assert "PC1:1.00*" in out and "removed with SI below 0.75" in out
+    head.blocks[0].si = torch.tensor([0.9, 0.2, 0.1], dtype=torch.float64)
+    code, out, _ = run_cli(["inspect", str(head.save(tmp_path / "h2.safetensors"))])
+    assert "PC1:1.00" in out and "PC1:1.00*" not in out and "removed with SI below" not in out

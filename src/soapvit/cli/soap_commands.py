@@ -138,12 +138,17 @@ def print_findings(head) -> None:
     for col in ("block", "max SI", "at PC", "its variance from position", f"# SI ≥ {SI_THRESHOLD}",
                 f"removed (weight > {REMOVED_WEIGHT})"):
         table.add_column(col, justify="right")
+    below = False
     for b, d in sorted(head.blocks.items()):
         top = int(d.si.argmax())
-        cut = [f"PC{c + 1}:{d.weights[c]:.2f}" for c in removed(d.weights)]
+        cut = [f"PC{c + 1}:{d.weights[c]:.2f}" + ("*" if d.si[c] < SI_THRESHOLD else "") for c in removed(d.weights)]
+        below |= any(c.endswith("*") for c in cut)
         marker = " ←" if b == head.apply_block else ""
         table.add_row(f"{b}{marker}", f"{d.si.max():.3f}", f"PC{top + 1}", f"{d.position_share[top]:.0%}",
                       str(high_si(d.si).numel()), " ".join(cut) or "-")
+    if below:
+        table.caption = (f"* removed with SI below {SI_THRESHOLD} (about 0.71 is what a component responding at "
+                         "random gives): the rank cut-off μ removes it; the SI test does not call it non-semantic")
     report.print(table)
 
 
