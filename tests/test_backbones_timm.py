@@ -220,7 +220,6 @@ def own_rotation(x, emb, half):
 
 def own_qk(attn, x):
     """q, k from the attention module's weights, without the module's own code."""
-    heads = attn.num_heads
     if attn.qkv is not None:
         w = attn.qkv.weight
         dim = w.shape[0] // 3

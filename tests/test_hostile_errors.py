@@ -2,7 +2,6 @@
 naming what is wrong (exit 2 on the command line), never a traceback."""
 
 import json
-import os
 import warnings
 
 import numpy as np

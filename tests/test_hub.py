@@ -70,7 +70,7 @@ def test_parse_spec():
 def test_a_head_in_the_hub_cache_loads_with_the_network_off(hub_cache, no_network, head_files):
     start = time.monotonic()
     main = load_corrections(Path("hf:user/soap-mae"))
-    dev = load_corrections(Path(f"hf:user/soap-mae@dev"), "soap")
+    dev = load_corrections(Path("hf:user/soap-mae@dev"), "soap")
     by_commit = load_corrections(Path(f"hf:user/soap-mae@{DEV}"))
     assert time.monotonic() - start < 5
     assert main["soap"].digest() == CorrectionSet.load(head_files[0])["soap"].digest() and main["soap"].block_ == 5

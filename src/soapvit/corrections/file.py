@@ -165,7 +165,7 @@ def soap_damage(description: dict, tensors: Mapping) -> str | None:
         for n, shape in expected.items():
             if field[n] is not None and tuple(field[n].shape) != shape:
                 return f"block.{b}.{n} has shape {list(field[n].shape)}, not {list(shape)}"
-        weights, eigenvalues = field["weights"].double(), field["eigenvalues"].double()
+        eigenvalues = field["eigenvalues"].double()
         for n in ("weights", "si"):
             values = field[n].double()
             if bool(((values < 0) | (values > 1)).any()):

@@ -7,7 +7,6 @@ mean token, both from the fit's first pass. At another grid the offset is resamp
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

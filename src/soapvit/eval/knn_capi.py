@@ -38,8 +38,8 @@ from ..errors import SoapvitError
 from ..features import gather_log, iter_tokens
 from ..runlog import Progress, RunLog
 from .intervals import against_original, bootstrap_settings
-from .knnseg import KnnConfig, KnnReport, _labels_at_input
-from .metrics import SegmentationMetrics, across_ranks, class_iou
+from .knnseg import KnnConfig, KnnReport, _labels_at_input, merged_validation
+from .metrics import SegmentationMetrics, class_iou
 from .variants import describe_variant, plan_variants
 
 
@@ -250,10 +250,7 @@ def evaluate_capi(backbone: Backbone, train: SegmentationSplit, val: Segmentatio
                 metrics[v].add(pixels_from_patches(pred[i], h, w, p).cpu().numpy(), truths[i], index)
         done += len(batch.indices)
     seconds["total"] = time.perf_counter() - start
-    metrics, log = across_ranks(metrics), gather_log(log)
-    done, n_queries = distributed.all_reduce_sum(torch.tensor([done, n_queries])).tolist()
-    if done == 0:
-        raise SoapvitError(f"--val: no validation image could be read; first problems: {'; '.join(log.lines()[:3])}")
+    metrics, log, (done, n_queries) = merged_validation(metrics, log, done, n_queries)
     t0 = time.perf_counter()
     intervals = against_original(metrics)
     seconds["intervals"] = time.perf_counter() - t0

@@ -281,6 +281,16 @@ def build_memory_bank(backbone: Backbone, split: SegmentationSplit, config: KnnC
     return MemoryBank(features, torch.cat([labels for labels, _ in images]).to(backbone.device))
 
 
+def merged_validation(metrics: dict, log: RunLog, *counts: int) -> tuple[dict, RunLog, list[int]]:
+    """The per-image accumulators, the log and the counts (validation images first) of every rank
+    of a :mod:`torch.distributed` group; a one-line error when no validation image was read."""
+    metrics, log = across_ranks(metrics), gather_log(log)
+    counts = distributed.all_reduce_sum(torch.tensor(counts)).tolist()
+    if counts[0] == 0:
+        raise SoapvitError(f"--val: no validation image could be read; first problems: {'; '.join(log.lines()[:3])}")
+    return metrics, log, counts
+
+
 def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: SegmentationSplit, *,
                     corrections: Mapping | None = None, config: KnnConfig | None = None,
                     num_workers: int | None = None, progress: Progress | None = None) -> KnnReport:
@@ -321,10 +331,7 @@ def evaluate_knnseg(backbone: Backbone, train: SegmentationSplit, val: Segmentat
                 metrics[v].add(pred, lab, index)
         done += len(batch.indices)
     seconds["total"] = time.perf_counter() - start
-    metrics, log = across_ranks(metrics), gather_log(log)
-    done, n_queries = distributed.all_reduce_sum(torch.tensor([done, n_queries])).tolist()
-    if done == 0:
-        raise SoapvitError(f"--val: no validation image could be read; first problems: {'; '.join(log.lines()[:3])}")
+    metrics, log, (done, n_queries) = merged_validation(metrics, log, done, n_queries)
     matchings = {}
     if config.hungarian:
         for v in list(metrics):

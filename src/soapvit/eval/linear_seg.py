@@ -32,8 +32,8 @@ from ..features import gather_log, iter_tokens
 from ..runlog import Progress, RunLog, RunReport
 from ..validation import COUNT, OPTIONAL_COUNT, POSITIVE, Interval, Options, validate
 from .intervals import against_original, bootstrap_settings
-from .knnseg import _labels_at_input
-from .metrics import SegmentationMetrics, across_ranks
+from .knnseg import _labels_at_input, merged_validation
+from .metrics import SegmentationMetrics
 from .variants import describe_variant, plan_variants
 
 CONSTRAINTS = {
@@ -190,10 +190,7 @@ def evaluate_linear_seg(backbone: Backbone, train: SegmentationSplit, val: Segme
             done += len(batch.indices)
     seconds["eval"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - start
-    metrics, log = across_ranks(metrics), gather_log(log)
-    done = int(distributed.all_reduce_sum(torch.tensor([done])).item())
-    if done == 0:
-        raise SoapvitError(f"--val: no validation image could be read; first problems: {'; '.join(log.lines()[:3])}")
+    metrics, log, (done,) = merged_validation(metrics, log, done)
     intervals = against_original(metrics)
     curves = {v: loss_curve(loss, config.loss_points) for v, loss in losses.items()}
     results = {v: {**m.result(val.class_names), "first_loss": curves[v][0] if curves[v] else float("nan"),
