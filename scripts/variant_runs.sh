@@ -44,8 +44,7 @@ mae)
         --val $CAMVID/test --out results/knnseg-mae.json
     ;;
 clip)
-    # the map corrections only (registers not calibrated here: CPU time); CamVid, artifacts and
-    # warp were not run for CLIP in this round
+    # the map corrections only: test-time registers were not calibrated for CLIP (CPU time)
     MAPS=soap,posmean,blank,zero-subspace,top-pc,position-pc,high-norm
     soapvit fit --model zoo:clip-b16 --images $IMAGENET --limit 300 --synthetic 300 --blocks all --methods $MAPS \
         --out runs/clip-all.safetensors
