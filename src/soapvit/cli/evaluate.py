@@ -15,6 +15,22 @@ from .common import (AllowOtherOpt, DeviceOpt, HeadOpt, ModelOpt, OutOpt, RichPr
                      check_writable, corrections_for, print_log, print_side_by_side, say, set_threads, write_json)
 
 
+# the options every labelled-segmentation evaluation (knnseg, linseg) takes to open its splits
+TrainSplitOpt = Annotated[Path | None, typer.Option(
+    "--train", help="Training split: images/+labels/ folder, ADE20K images/<split>, VOC "
+                    "ImageSets/Segmentation/<split>.txt or Cityscapes leftImg8bit/<split>; or --dataset and --root.")]
+ValSplitOpt = Annotated[Path | None, typer.Option("--val", help="Evaluation split, same layouts.")]
+SegDatasetOpt = Annotated[str | None, typer.Option(
+    "--dataset", help="Named layout under --root: ade20k, voc, cityscapes, camvid, folder.")]
+RootOpt = Annotated[Path | None, typer.Option("--root", help="The dataset's root folder (with --dataset).")]
+TrainSplitNameOpt = Annotated[str | None, typer.Option(
+    "--train-split", help="With --dataset: the training split (default train).")]
+ValSplitNameOpt = Annotated[str | None, typer.Option(
+    "--val-split", help="With --dataset: the evaluation split (default val; camvid: test).")]
+LayoutOpt = Annotated[str, typer.Option("--layout", help="auto, camvid, folder, ade20k, voc or cityscapes.")]
+IgnoreOpt = Annotated[int | None, typer.Option("--ignore-index", help="Label to ignore (default: the layout's).")]
+
+
 @eval_app.command("tokencut")
 def tokencut_command(
     model: ModelOpt,
@@ -105,12 +121,12 @@ def _open_splits(train, val, dataset, root, train_split, val_split, layout, igno
 @eval_app.command("knnseg")
 def knnseg_command(
     model: ModelOpt,
-    train: Annotated[Path | None, typer.Option(help="Training split: images/+labels/ folder, ADE20K images/<split>, VOC ImageSets/Segmentation/<split>.txt or Cityscapes leftImg8bit/<split>; or --dataset and --root.")] = None,
-    val: Annotated[Path | None, typer.Option(help="Evaluation split, same layouts.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Named layout under --root: ade20k, voc, cityscapes, camvid, folder.")] = None,
-    root: Annotated[Path | None, typer.Option(help="The dataset's root folder (with --dataset).")] = None,
-    train_split: Annotated[str | None, typer.Option(help="With --dataset: the training split (default train).")] = None,
-    val_split: Annotated[str | None, typer.Option(help="With --dataset: the evaluation split (default val; camvid: test).")] = None,
+    train: TrainSplitOpt = None,
+    val: ValSplitOpt = None,
+    dataset: SegDatasetOpt = None,
+    root: RootOpt = None,
+    train_split: TrainSplitNameOpt = None,
+    val_split: ValSplitNameOpt = None,
     head: HeadOpt = None,
     variants: VariantsOpt = None,
     protocol: Annotated[str, typer.Option(help="hummingbird (soft-label bank, k=30, T=0.02) or capi (224 px, standardised tokens, k and cosine/L2 chosen on 10% of train, per-pixel mode; Darcet et al. 2025).")] = "hummingbird",
@@ -121,8 +137,8 @@ def knnseg_command(
     image_size: Annotated[int | None, typer.Option(help="Shorter side at model input (default: the model's resolution; capi: the square side, 224).")] = None,
     max_bank: Annotated[int | None, typer.Option(help="Cap the memory bank at N patches (random sample).")] = None,
     memory_mb: Annotated[float, typer.Option(help="Memory for one similarity block.")] = 256.0,
-    layout: Annotated[str, typer.Option(help="auto, camvid, folder, ade20k, voc or cityscapes.")] = "auto",
-    ignore_index: Annotated[int | None, typer.Option(help="Label to ignore (default: the layout's).")] = None,
+    layout: LayoutOpt = "auto",
+    ignore_index: IgnoreOpt = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the bank sample.")] = 0,
     device: DeviceOpt = None,
@@ -169,12 +185,12 @@ def knnseg_command(
 @eval_app.command("linseg")
 def linseg_command(
     model: ModelOpt,
-    train: Annotated[Path | None, typer.Option(help="Training split (layouts as eval knnseg); or --dataset and --root.")] = None,
-    val: Annotated[Path | None, typer.Option(help="Evaluation split, same layouts.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Named layout under --root: ade20k, voc, cityscapes, camvid, folder.")] = None,
-    root: Annotated[Path | None, typer.Option(help="The dataset's root folder (with --dataset).")] = None,
-    train_split: Annotated[str | None, typer.Option(help="With --dataset: the training split (default train).")] = None,
-    val_split: Annotated[str | None, typer.Option(help="With --dataset: the evaluation split (default val; camvid: test).")] = None,
+    train: TrainSplitOpt = None,
+    val: ValSplitOpt = None,
+    dataset: SegDatasetOpt = None,
+    root: RootOpt = None,
+    train_split: TrainSplitNameOpt = None,
+    val_split: ValSplitNameOpt = None,
     head: HeadOpt = None,
     variants: VariantsOpt = None,
     iterations: Annotated[int, typer.Option(help="Training iterations per variant.")] = 1000,
@@ -182,8 +198,8 @@ def linseg_command(
     lr: Annotated[float, typer.Option(help="AdamW learning rate (poly schedule, power 0.9).")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
     image_size: Annotated[int | None, typer.Option(help="Square side at model input (default: the model's resolution).")] = None,
-    layout: Annotated[str, typer.Option(help="auto, camvid, folder, ade20k, voc or cityscapes.")] = "auto",
-    ignore_index: Annotated[int | None, typer.Option(help="Label to ignore (default: the layout's).")] = None,
+    layout: LayoutOpt = "auto",
+    ignore_index: IgnoreOpt = None,
     encode_batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the probe's initialisation and batch order.")] = 0,
     device: DeviceOpt = None,
