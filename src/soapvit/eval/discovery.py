@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import distributed
 from .intervals import DEFAULTS, paired_interval
 
 GT_BOXES = ("components", "bbox")
@@ -106,14 +105,6 @@ class CorLocMetrics:
         keys = sorted(self.items)
         return {"index": keys, "box": [self.items[i].box for i in keys], "gt_boxes": [self.gt[i] for i in keys],
                 "best_iou": [self.items[i].best_iou for i in keys]}
-
-
-def corloc_across_ranks(metrics: dict[str, CorLocMetrics]) -> dict[str, CorLocMetrics]:
-    merged: dict[str, CorLocMetrics] = {}
-    for part in distributed.all_gather_objects(metrics):
-        for name, m in part.items():
-            merged[name] = merged[name].merge(m) if name in merged else m
-    return merged
 
 
 def corloc_intervals(metrics: dict[str, CorLocMetrics], **options) -> dict:

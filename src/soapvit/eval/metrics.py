@@ -180,11 +180,12 @@ def class_iou(counts: np.ndarray) -> np.ndarray:
         return np.where(union > 0, counts[..., 0] / union, np.nan)
 
 
-Metrics = TypeVar("Metrics", SalientMetrics, SegmentationMetrics)
+Metrics = TypeVar("Metrics")
 
 
 def across_ranks(metrics: dict[str, Metrics]) -> dict[str, Metrics]:
-    """Every rank's accumulators by name, merged in rank order (a name some rank lacks is fine)."""
+    """Every rank's accumulators by name (any with a ``merge``: salient, segmentation, CorLoc),
+    merged in rank order (a name some rank lacks is fine)."""
     merged: dict[str, Metrics] = {}
     for part in distributed.all_gather_objects(metrics):
         for name, accumulator in part.items():

@@ -37,7 +37,7 @@ from ..features import gather_log, iter_tokens
 from ..runlog import Progress, RunLog, RunReport
 from ..validation import COUNT, OPTIONAL_COUNT, POSITIVE, Interval, Options, validate
 from .bilateral import BilateralParams, bilateral_solve
-from .discovery import GT_BOXES, CorLocMetrics, boxes_from_mask, corloc_across_ranks, corloc_intervals, mask_box
+from .discovery import GT_BOXES, CorLocMetrics, boxes_from_mask, corloc_intervals, mask_box
 from .intervals import against_original, bootstrap_settings
 from .metrics import SalientMetrics, across_ranks, salient_scores, to_uint8
 from .tokencut import tokencut_masks, upsample_nearest
@@ -229,7 +229,7 @@ def evaluate_tokencut(
         t0 = time.perf_counter()
     seconds["total"] = time.perf_counter() - start
     metrics, log, keeper = across_ranks(metrics), gather_log(log), keeper.across_ranks()
-    corloc = corloc_across_ranks(corloc)
+    corloc = across_ranks(corloc)
     if "original" not in corloc:
         raise SoapvitError(f"no image could be evaluated; first problems: {'; '.join(log.lines()[:3])}")
     settings = {**config.__dict__, "model": backbone.model_id, "device": str(backbone.device),
