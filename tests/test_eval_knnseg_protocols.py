@@ -15,8 +15,9 @@ from soapvit.backbones.registry import register_source
 from soapvit.cli import main
 from soapvit.data.segmentation import SegmentationSplit
 from soapvit.errors import SoapvitError
-from soapvit.eval.knn_capi import (choose_setting, nearest, patch_pixel_labels, pixel_mode,
-                                   pixels_from_patches)
+from soapvit.eval.knn_capi import (bank_patches, choose_setting, held_out_images, nearest, patch_pixel_labels,
+                                   pixel_mode, pixels_from_patches)
+from soapvit.eval.metrics import SegmentationMetrics, class_counts, confusion_matrix
 from soapvit.eval.knnseg import ConfusionMetrics, KnnConfig, evaluate_knnseg, hungarian_matching
 
 
@@ -38,7 +39,7 @@ def test_nearest_cosine_and_l2_differ_as_computed_by_hand():
 
 
 def test_pixel_mode_of_a_tiny_bank_known_by_hand():
-    # bank of 5 patches of 2x2 pixels (P=4); ignore = 9 with 3 classes
+    # bank of 5 patches of 2x2 pixels (P=4); classes 0..2, 9 = ignored
     bank = torch.tensor([[0.0, 1.0], [0.1, 1.0], [1.0, 0.0], [1.0, 0.1], [-1.0, 0.0]])
     bank_labels = torch.tensor([[0, 0, 1, 9],
                                 [0, 2, 1, 9],
@@ -47,20 +48,54 @@ def test_pixel_mode_of_a_tiny_bank_known_by_hand():
                                 [0, 0, 0, 0]])
     query = torch.tensor([[0.05, 1.0]])
     idx = nearest(query, bank, 3, "cosine")
-    assert idx.tolist() == [[0, 1, 3]] or idx.tolist() == [[1, 0, 3]]
-    pred = pixel_mode(bank_labels[idx], 3)
-    # pixel 0: 0,0,1 → 0; pixel 1: 0,2,1 → tie of three, broken towards the nearest neighbour's class;
-    # pixel 2: 1,1,1 → 1; pixel 3: every neighbour ignored → patch-level mode over their labelled
-    # pixels (0:3, 1:4, 2:1) → 1
-    first = bank_labels[idx[0, 0], 1].item()
-    assert pred.tolist() == [[0, first, 1, 1]]
-    # a clean majority overrules nearness; out-of-range labels never win
-    lab = torch.tensor([[[5], [2], [2], [-1]]]).reshape(1, 4, 1)
-    assert pixel_mode(lab, 3).tolist() == [[2]]
-    lab = torch.tensor([[[1], [0], [0]]])  # nearest says 1, two others say 0
-    assert pixel_mode(lab, 3).tolist() == [[0]]
-    lab = torch.tensor([[[1], [0]]])  # tie 1:1 → nearest
-    assert pixel_mode(lab, 3).tolist() == [[1]]
+    assert sorted(idx[0, :2].tolist()) == [0, 1] and idx[0, 2].item() == 3
+    # pixel 0: 0,0,1 → 0; pixel 1: 0,2,1 → three-way tie → smallest, 0; pixel 2: 1,1,1 → 1;
+    # pixel 3: 9,9,9 → the ignored label itself (CAPI's torch.mode counts every neighbour)
+    assert pixel_mode(bank_labels[idx]).tolist() == [[0, 0, 1, 9]]
+    assert pixel_mode(torch.tensor([[[1], [0]]])).tolist() == [[0]]  # 1:1 → smallest, not nearest
+    assert pixel_mode(torch.tensor([[[2], [5], [5], [2], [5]]])).tolist() == [[5]]  # majority
+    # a patch is in the bank when its most frequent label is a class (ties → smallest label)
+    labels = torch.tensor([[9, 9, 1, 0], [1, 1, 9, 9], [3, 9, 9, 2], [2, 2, 2, 9]])
+    assert bank_patches(labels, 3).tolist() == [False, True, False, True]
+
+
+def test_capi_prediction_equals_a_scipy_recomputation_of_the_authors_classifier():
+    """Standardise on the training part, k nearest by scipy's cdist, per-pixel scipy mode (ties to
+    the smallest), patches whose modal label is ignored out of the bank: the authors' classifier
+    rewritten with numpy/scipy, against nearest() + pixel_mode() + bank_patches()."""
+    from scipy.spatial.distance import cdist
+    from scipy.stats import mode
+
+    rng = np.random.default_rng(3)
+    train, test = rng.normal(size=(300, 6)), rng.normal(size=(40, 6))
+    train[:, 0] *= 50.0  # a dimension that would dominate without the standardisation
+    labels = rng.integers(0, 4, size=(300, 9))  # 3 classes and 3 = ignored
+    mean, std = train.mean(0), train.std(0)
+    a, b = (train - mean) / std, (test - mean) / std
+    modal = mode(labels, axis=1, keepdims=False).mode
+    keep = modal < 3
+    bank, bank_labels = a[keep], labels[keep]
+    for distance, metric in (("cosine", "cosine"), ("l2", "euclidean")):
+        for k in (1, 3, 10):
+            ref_idx = np.argsort(cdist(b, bank, metric=metric), axis=1, kind="stable")[:, :k]
+            expected = mode(bank_labels[ref_idx], axis=1, keepdims=False).mode
+            in_bank = bank_patches(torch.from_numpy(labels), 3).numpy()
+            assert (in_bank == keep).all()
+            idx = nearest(torch.from_numpy(b).float(), torch.from_numpy(bank).float(), k, distance)
+            got = pixel_mode(torch.from_numpy(bank_labels)[idx]).numpy()
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_a_voted_ignore_label_is_a_miss_of_the_pixels_class_only():
+    gt = np.array([[0, 0, 1, 1], [2, 2, 7, 7]])  # 7 = ignored
+    pred = np.array([[0, 3, 1, 1], [2, 0, 1, 2]])  # 3: outside the 3 classes (a voted ignore label)
+    confusion = confusion_matrix(pred, gt, 3, 7)
+    assert confusion.tolist() == [[1, 0, 0, 1], [0, 2, 0, 0], [1, 0, 1, 0]]
+    # tp, fp, fn per class: class 0 lost a pixel to "outside" (a miss, nobody's false positive)
+    assert class_counts(confusion).tolist() == [[1, 1, 1], [2, 0, 0], [1, 0, 1]]
+    metrics = SegmentationMetrics(3, 7)
+    metrics.add(pred, gt, 0)
+    assert metrics.counts[0].tolist() == class_counts(confusion).tolist()
 
 
 def test_choice_picks_the_known_best_k_and_distance():
@@ -77,13 +112,30 @@ def test_choice_picks_the_known_best_k_and_distance():
     labels = torch.where(flip, 1 - true, true)[:, None]
     image = torch.arange(n_images).repeat_interleave(per_image)
     config = KnnConfig(protocol="capi")
-    k, distance, info = choose_setting(features, labels, image, n_images, 2, config)
+    held_images = held_out_images(n_images, config)
+    assert int(held_images.sum()) == 10
+    k, distance, info = choose_setting(features, labels, held_images[image], 2, config)
     assert (k, distance) == (30, "l2")
-    assert info["held_out_images"] == 10
     scores = info["miou"]
     assert set(scores) == {"cosine", "l2"} and set(scores["l2"]) == {1, 3, 10, 30}
     assert scores["l2"][30] > scores["l2"][1] + 5
     assert max(scores["cosine"].values()) < scores["l2"][30] - 5
+
+
+def test_choice_ties_go_to_the_earlier_candidate_of_capis_grid(monkeypatch):
+    """CAPI's grid is product(k, distance) and max() keeps the first best: with (3, cosine) and
+    (1, l2) tied best, (1, l2) wins (a distance-first scan would pick (3, cosine))."""
+    from soapvit.eval import knn_capi
+
+    features = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[0], [0], [0], [1], [1], [1], [0], [1]])
+    held = torch.arange(8) >= 6
+    scores = iter([50.0, 90.0, 90.0, 50.0])  # call order: cosine k=1, k=3, then l2 k=1, k=3
+    monkeypatch.setattr(knn_capi, "_miou", lambda *args: next(scores))
+    config = KnnConfig(protocol="capi", k_choices=(1, 3), distances=("cosine", "l2"))
+    k, distance, info = choose_setting(features, labels, held, 2, config)
+    assert info["miou"] == {"cosine": {1: 50.0, 3: 90.0}, "l2": {1: 90.0, 3: 50.0}}
+    assert (k, distance) == (1, "l2")
 
 
 def test_hungarian_matching_undoes_a_permutation():

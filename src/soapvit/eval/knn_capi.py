@@ -1,23 +1,27 @@
-"""The CAPI kNN segmentation protocol (Darcet et al., 2025, ``eval_segmentation.py`` of CAPI), for
-the original tokens and every correction's variant, with paired intervals.
+"""The CAPI kNN segmentation protocol (Darcet et al., 2025; ``KNNClassifier`` and ``eval_model``
+of CAPI's ``eval_segmentation.py``), for the original tokens and every correction's variant, with
+paired intervals.
 
 - Images resized to 224 × 224 (bicubic; ``image_size`` overrides), label maps to the same size
   (nearest); everything is scored at that resolution.
-- Features: the last block's patch tokens, standardised per dimension with the mean and standard
-  deviation of all training patch tokens of the same variant (each variant its own statistics).
-- Bank: every training patch with at least one labelled pixel keeps its ``p × p`` pixel labels
-  at model resolution. A query patch finds its ``k`` nearest bank patches (cosine or L2 on the
-  standardised tokens); each of its pixels takes the **mode of the labels at the same
-  within-patch position** of those ``k`` neighbours (our reading of CAPI's "per-pixel mode of the
-  neighbours' pixel labels"). Neighbours whose label at that position is ignored do not vote;
-  ties go to the class whose voters are nearer (smaller sum of neighbour ranks); a pixel with no
-  voter takes the patch-level mode of its neighbours' labelled pixels.
-- Choice: ``k ∈ {1, 3, 10, 30}`` × {cosine, L2} chosen per variant by mIoU on a seeded 10% of the
-  training images, held out of the bank during the choice (the statistics of the standardisation
-  are those of all of train); ties go to the earlier candidate (cosine before L2, smaller k
-  first). Then the bank is all of train and the chosen setting segments the evaluation split.
-- Metrics: macro IoU over all pixels of the split (summed per-class counts) and pixel accuracy,
-  from per-image tp/fp/fn so every variant gets its paired bootstrap interval against original.
+- Choice split: a seeded 10% of the training images (``n // 10``, at least one) is held out;
+  features are the last block's patch tokens standardised per dimension with the mean and
+  standard deviation of the other 90% (each variant its own statistics, as CAPI's
+  ``StandardScaler`` fitted on its training part).
+- Bank: each training patch keeps its ``p × p`` pixel labels at model resolution; a patch whose
+  most frequent pixel label is ignored (outside the classes) is left out. A query patch finds its
+  ``k`` nearest bank patches (cosine or L2 on the standardised tokens) and each of its pixels
+  takes the **mode of the ``k`` neighbours' labels at the same within-patch position**
+  (``torch.mode``: ignored labels vote like any other, ties go to the smallest label). A pixel
+  predicted as an ignored label is an error for its class.
+- Choice: ``k ∈ {1, 3, 10, 30}`` × {cosine, L2} by mIoU on the held-out images with the other 90%
+  as the bank; ties go to the earlier candidate in CAPI's grid order (smaller k first, cosine
+  before L2 for one k). Then the bank is all of train and the chosen setting segments the
+  evaluation split.
+- Metrics: macro IoU over the classes present (summed per-class counts) and pixel accuracy, from
+  per-image tp/fp/fn so every variant gets its paired bootstrap interval against original.
+  (CAPI's scikit-learn ``jaccard_score`` would add a zero-IoU class for a predicted ignore label;
+  here such pixels count as misses of their class only.)
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from ..features import gather_log, iter_tokens
 from ..runlog import Progress, RunLog
 from .intervals import against_original, bootstrap_settings
 from .knnseg import KnnConfig, KnnReport, _labels_at_input, merged_validation
-from .metrics import SegmentationMetrics, class_iou
+from .metrics import SegmentationMetrics, class_counts, class_iou, confusion_matrix
 from .variants import describe_variant, plan_variants
 
 
@@ -90,29 +94,18 @@ def nearest(queries: Tensor, bank: Tensor, k: int, distance: str, memory_mb: flo
     return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.long, device=queries.device)
 
 
-def pixel_mode(neighbour_labels: Tensor, num_classes: int, chunk: int = 256) -> Tensor:
-    """Per-pixel mode ``(Q, P)`` of ``neighbour_labels (Q, k, P)`` (nearest neighbour first; a
-    label outside ``0..C-1``, e.g. the ignore index, does not vote). Ties: the class whose voters
-    have the smaller sum of ranks; a pixel with no voter: the mode over all its neighbours'
-    labelled pixels (class 0 if there is none)."""
-    q, k, p = neighbour_labels.shape
-    c = num_classes
-    rank = torch.arange(k, device=neighbour_labels.device, dtype=torch.float32)
-    weight = 1.0 + (k - rank) / (k * k + 1)  # tie-breakers sum to < 1: a count is never overturned
-    out = []
-    for q0 in range(0, q, chunk):
-        lab = neighbour_labels[q0 : q0 + chunk].long()
-        lab = torch.where((lab >= 0) & (lab < c), lab, torch.full_like(lab, c)).permute(0, 2, 1)  # (q, P, k)
-        votes = torch.zeros(lab.shape[0], p, c + 1, device=lab.device)
-        votes.scatter_add_(2, lab, weight.expand_as(lab).contiguous())
-        votes = votes[..., :c]
-        pred = votes.argmax(-1)
-        empty = votes.sum(-1) == 0
-        if empty.any():
-            fallback = votes.sum(1).argmax(-1)  # (q,)
-            pred = torch.where(empty, fallback[:, None].expand_as(pred), pred)
-        out.append(pred)
-    return torch.cat(out) if out else torch.zeros((0, p), dtype=torch.long)
+def pixel_mode(neighbour_labels: Tensor, chunk: int = 4096) -> Tensor:
+    """Per-pixel mode ``(Q, P)`` of ``neighbour_labels (Q, k, P)`` over the ``k`` neighbours; every
+    label votes, ties go to the smallest (``torch.mode``, as CAPI)."""
+    q, _, p = neighbour_labels.shape
+    parts = [neighbour_labels[s : s + chunk].mode(dim=1).values for s in range(0, q, chunk)]
+    return torch.cat(parts) if parts else torch.zeros((0, p), dtype=neighbour_labels.dtype)
+
+
+def bank_patches(labels: Tensor, num_classes: int) -> Tensor:
+    """``(N,)`` mask of the training patches whose most frequent pixel label is a class."""
+    modal = labels.mode(dim=1).values
+    return (modal >= 0) & (modal < num_classes)
 
 
 @dataclass
@@ -165,43 +158,37 @@ def _standardise(x: Tensor, mean: Tensor, std: Tensor, chunk: int = 65536) -> Te
 
 
 def _miou(prediction: Tensor, labels: Tensor, num_classes: int) -> float:
-    gt, pred = labels.reshape(-1), prediction.reshape(-1)
-    keep = (gt >= 0) & (gt < num_classes)
-    confusion = torch.bincount(gt[keep] * num_classes + pred[keep], minlength=num_classes**2)
-    confusion = confusion.reshape(num_classes, num_classes).cpu().numpy()
-    tp = np.diag(confusion)
-    iou = class_iou(np.stack([tp, confusion.sum(0) - tp, confusion.sum(1) - tp], 1))
+    iou = class_iou(class_counts(confusion_matrix(prediction.cpu().numpy(), labels.cpu().numpy(), num_classes)))
     return 100.0 * float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
 
 
-def choose_setting(features: Tensor, labels: Tensor, image: Tensor, n_images: int, num_classes: int,
-                   config: KnnConfig) -> tuple[int, str, dict]:
-    """``(k, distance, {distance: {k: mIoU}})``: the candidate with the best mIoU on a seeded
-    ``holdout`` share of the training images, the rest being the bank (standardised features)."""
+def held_out_images(n_images: int, config: KnnConfig) -> Tensor:
+    """``(n_images,)`` mask of the seeded share of training images held out for the choice."""
     if n_images < 2:
         raise SoapvitError("--protocol capi needs at least 2 training images (10% are held out for the choice)")
-    gen = torch.Generator().manual_seed(config.seed)
-    n_held = min(n_images - 1, max(1, round(config.holdout * n_images)))
+    n_held = min(n_images - 1, max(1, int(config.holdout * n_images)))
     held = torch.zeros(n_images, dtype=torch.bool)
-    held[torch.randperm(n_images, generator=gen)[:n_held]] = True
-    held = held.to(image.device)[image]
-    labelled = ((labels >= 0) & (labels < num_classes)).any(1)
-    bank = ~held & labelled
+    held[torch.randperm(n_images, generator=torch.Generator().manual_seed(config.seed))[:n_held]] = True
+    return held
+
+
+def choose_setting(features: Tensor, labels: Tensor, held: Tensor, num_classes: int,
+                   config: KnnConfig) -> tuple[int, str, dict]:
+    """``(k, distance, {"miou": {distance: {k: mIoU}}})``: the candidate with the
+    best mIoU on the ``held`` patches (standardised ``features``), the bank being the other
+    patches whose modal label is a class; ties to the earlier candidate of CAPI's grid."""
+    bank = ~held & bank_patches(labels, num_classes)
     if not bank.any():
         raise SoapvitError("--protocol capi: no labelled training patch is left in the bank for the choice")
     queries, truth = features[held], labels[held]
     bank_features, bank_labels = features[bank], labels[bank]
     scores: dict[str, dict[int, float]] = {}
-    best = (-1.0, config.k_choices[0], config.distances[0])
     for distance in config.distances:
         idx = nearest(queries, bank_features, max(config.k_choices), distance, config.memory_mb)
-        scores[distance] = {}
-        for k in config.k_choices:
-            pred = pixel_mode(bank_labels[idx[:, :k]], num_classes)
-            scores[distance][k] = _miou(pred, truth, num_classes)
-            if scores[distance][k] > best[0]:
-                best = (scores[distance][k], k, distance)
-    return best[1], best[2], {"held_out_images": n_held, "miou": scores}
+        scores[distance] = {k: _miou(pixel_mode(bank_labels[idx[:, :k]]), truth, num_classes) for k in config.k_choices}
+    grid = [(k, d) for k in config.k_choices for d in config.distances]
+    k, distance = max(grid, key=lambda kd: scores[kd[1]][kd[0]])  # max keeps the first of equals
+    return k, distance, {"miou": scores}
 
 
 def evaluate_capi(backbone: Backbone, train: SegmentationSplit, val: SegmentationSplit, *,
@@ -216,18 +203,21 @@ def evaluate_capi(backbone: Backbone, train: SegmentationSplit, val: Segmentatio
     data = _encode_train(backbone, train, config, corrections, log, num_workers, progress)
     seconds = {"bank": time.perf_counter() - start}
     c, p = val.num_classes, backbone.patch_size
-    labelled = ((data.labels >= 0) & (data.labels < c)).any(1)
-    if not labelled.any():
-        raise SoapvitError("--train: no training patch has a labelled pixel")
-    bank_labels = data.labels[labelled]
+    in_bank = bank_patches(data.labels, c)
+    if not in_bank.any():
+        raise SoapvitError("--train: no training patch has a class as its most frequent label")
+    bank_labels = data.labels[in_bank]
     t0 = time.perf_counter()
+    held_images = held_out_images(data.n_images, config)
+    held = held_images.to(data.image.device)[data.image]
     stats, banks, chosen, selection = {}, {}, {}, {}
     for v, raw in data.features.items():
-        stats[v] = _standardiser(raw)
+        stats[v] = _standardiser(raw[~held])
         standardised = _standardise(raw, *stats[v])
-        k, distance, selection[v] = choose_setting(standardised, data.labels, data.image, data.n_images, c, config)
+        k, distance, selection[v] = choose_setting(standardised, data.labels, held, c, config)
+        selection[v] = {"held_out_images": int(held_images.sum()), **selection[v]}
         chosen[v] = (k, distance)
-        banks[v] = standardised[labelled]
+        banks[v] = standardised[in_bank]
     del data
     seconds["choice"] = time.perf_counter() - t0
     seconds["search"] = 0.0
@@ -243,7 +233,7 @@ def evaluate_capi(backbone: Backbone, train: SegmentationSplit, val: Segmentatio
             queries = (f.tokens[block].reshape(-1, d) - stats[v][0]) / stats[v][1]
             k, distance = chosen[v]
             idx = nearest(queries, banks[v], k, distance, config.memory_mb)
-            pred = pixel_mode(bank_labels[idx], c).reshape(b, h * w, p * p)
+            pred = pixel_mode(bank_labels[idx]).reshape(b, h * w, p * p)
             seconds["search"] += time.perf_counter() - t1
             n_queries += queries.shape[0]
             for i, index in enumerate(batch.indices):

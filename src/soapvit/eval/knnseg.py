@@ -41,7 +41,7 @@ from ..features import TokenBatch, gather_log, iter_tokens
 from ..runlog import Progress, RunLog, RunReport
 from ..validation import COUNT, OPTIONAL_COUNT, POSITIVE, Interval, Options, validate
 from .intervals import against_original, bootstrap_settings
-from .metrics import SegmentationMetrics, across_ranks
+from .metrics import SegmentationMetrics, across_ranks, class_counts, confusion_matrix
 from .variants import describe_variant, plan_variants
 
 UPSAMPLING = ("nearest", "bilinear")
@@ -147,16 +147,6 @@ def upsample_scores(scores: Tensor, size: tuple[int, int], mode: str) -> Tensor:
     return F.interpolate(scores[None], size=size, mode=mode, **kwargs)[0]
 
 
-def confusion_matrix(prediction: np.ndarray, labels: np.ndarray, num_classes: int,
-                     ignore_index: int | None) -> np.ndarray:
-    """``(C, C)`` pixel counts, rows the label, columns the prediction; ignored pixels left out."""
-    gt, pred = labels.reshape(-1).astype(np.int64), prediction.reshape(-1).astype(np.int64)
-    keep = (gt >= 0) & (gt < num_classes) & (pred >= 0) & (pred < num_classes)
-    if ignore_index is not None:
-        keep &= gt != ignore_index
-    return np.bincount(gt[keep] * num_classes + pred[keep], minlength=num_classes**2).reshape(num_classes, num_classes)
-
-
 def hungarian_matching(confusion: np.ndarray) -> np.ndarray:
     """``assigned[p]``: the label class predicted class ``p`` is renamed to, the one-to-one
     matching that maximises the matched pixels of ``confusion`` (rows labels, columns predictions)."""
@@ -177,7 +167,7 @@ class ConfusionMetrics:
     confusions: dict[int, np.ndarray] = field(default_factory=dict)
 
     def add(self, prediction: np.ndarray, labels: np.ndarray, index: int) -> None:
-        self.confusions[int(index)] = confusion_matrix(prediction, labels, self.num_classes, self.ignore_index)
+        self.confusions[int(index)] = confusion_matrix(prediction, labels, self.num_classes, self.ignore_index)[:, :-1]
 
     def merge(self, other: ConfusionMetrics) -> ConfusionMetrics:
         self.confusions.update(other.confusions)
@@ -192,8 +182,7 @@ class ConfusionMetrics:
         for index, confusion in self.confusions.items():
             renamed = np.zeros_like(confusion)
             renamed[:, assigned] = confusion  # column p moves to column assigned[p]
-            tp = np.diag(renamed)
-            metrics.counts[index] = np.stack([tp, renamed.sum(0) - tp, renamed.sum(1) - tp], axis=1)
+            metrics.counts[index] = class_counts(renamed)
         return metrics, assigned
 
 

@@ -131,16 +131,8 @@ class SegmentationMetrics:
     def add(self, prediction: np.ndarray, ground_truth: np.ndarray, index: int | None = None) -> None:
         if prediction.shape != ground_truth.shape:
             raise ValueError(f"prediction {prediction.shape} and labels {ground_truth.shape} sizes differ")
-        gt = ground_truth.reshape(-1).astype(np.int64)
-        pred = prediction.reshape(-1).astype(np.int64)
-        keep = (gt >= 0) & (gt < self.num_classes)
-        if self.ignore_index is not None:
-            keep &= gt != self.ignore_index
-        c = self.num_classes
-        confusion = np.bincount(gt[keep] * c + pred[keep], minlength=c * c).reshape(c, c)
-        tp = np.diag(confusion)
-        self.counts[len(self.counts) if index is None else int(index)] = np.stack(
-            [tp, confusion.sum(0) - tp, confusion.sum(1) - tp], axis=1)
+        self.counts[len(self.counts) if index is None else int(index)] = class_counts(
+            confusion_matrix(prediction, ground_truth, self.num_classes, self.ignore_index))
 
     def merge(self, other: SegmentationMetrics) -> SegmentationMetrics:
         self.counts.update(other.counts)
@@ -171,6 +163,30 @@ class SegmentationMetrics:
         """Plain data to recompute every metric: image indices and per-class ``[tp, fp, fn]``."""
         keys = sorted(self.counts)
         return {"index": keys, "tp_fp_fn": self.stacked(keys).tolist()}
+
+
+def confusion_matrix(prediction: np.ndarray, labels: np.ndarray, num_classes: int,
+                     ignore_index: int | None = None) -> np.ndarray:
+    """``(C, C + 1)`` pixel counts, rows the label, columns the prediction, the last column a
+    prediction outside ``0..C-1`` (a voted ignore label, say). Pixels whose label is outside
+    ``0..C-1`` or ``ignore_index`` are left out."""
+    gt = np.asarray(labels).reshape(-1).astype(np.int64)
+    pred = np.asarray(prediction).reshape(-1).astype(np.int64)
+    c = num_classes
+    keep = (gt >= 0) & (gt < c)
+    if ignore_index is not None:
+        keep &= gt != ignore_index
+    gt, pred = gt[keep], pred[keep]
+    pred = np.where((pred >= 0) & (pred < c), pred, c)
+    return np.bincount(gt * (c + 1) + pred, minlength=c * (c + 1)).reshape(c, c + 1)
+
+
+def class_counts(confusion: np.ndarray) -> np.ndarray:
+    """``(C, 3)`` true positives, false positives, false negatives of a :func:`confusion_matrix`
+    (a prediction outside the classes is a false negative of the pixel's class only)."""
+    c = confusion.shape[0]
+    tp = np.diag(confusion[:, :c])
+    return np.stack([tp, confusion[:, :c].sum(0) - tp, confusion.sum(1) - tp], axis=1)
 
 
 def class_iou(counts: np.ndarray) -> np.ndarray:
