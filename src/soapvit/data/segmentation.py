@@ -1,10 +1,13 @@
 """Semantic-segmentation splits: images with integer label maps and an ignore index.
 
-Layouts (``layout="auto"`` picks by the path):
+Layouts (``layout="auto"`` picks by the path, and for ``images/`` + ``labels/`` by the labels):
 
 - ``camvid`` / ``folder``: a split folder holding ``images/`` and ``labels/`` (same stems), as
-  ``../shared/data/camvid/{train,val,test}``; CamVid (a ``camvid`` folder on the path) has 11
-  classes and void = 11; a generic folder has ignore 255 and as many classes as its labels show;
+  ``../shared/data/camvid/{train,val,test}``; CamVid has 11 classes and void = 11; a generic
+  folder has ignore 255 and as many classes as its labels show. ``auto`` takes CamVid when a
+  folder on the path is named ``camvid``; otherwise it reads the label maps: ids 0..11 and
+  nothing above (CamVid's convention, but also 12 classes without void) cannot be told apart and
+  need ``--layout`` (or ``--ignore-index``); anything else is a generic folder;
 - ``ade20k``: ``ADEChallengeData2016/images/{training,validation}`` with labels in the sibling
   ``annotations/<split>``; 0 ("other") is ignored, 1..150 become 0..149;
 - ``voc``: a split list ``VOC2012/ImageSets/Segmentation/<split>.txt``; images in
@@ -12,6 +15,10 @@ Layouts (``layout="auto"`` picks by the path):
 - ``cityscapes``: ``leftImg8bit/<split>`` (city sub-folders, ``*_leftImg8bit.png``) with labels
   ``gtFine/<split>/<city>/*_gtFine_labelIds.png``; the 34 label ids map to the 19 train ids
   (:data:`CITYSCAPES_TRAIN_IDS`), every other id to 255 (ignored).
+
+A label map that is no label map (a photo, a colour-coded map) is refused: the first one when
+the split is opened (for a generic folder: any, as all are read to count the classes), a later
+one as that image's read error, listed as skipped by the run.
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import DataFolderError, ImageReadError, list_images, read_annotation
+from .images import AnnotationError, DataFolderError, check_first_annotation, list_images, read_annotation
 from .sources import AnnotatedImages
 
 LAYOUTS = ("auto", "camvid", "folder", "ade20k", "voc", "cityscapes")
+BY_LABELS = "auto: by the labels"
+"""What :func:`_detect_layout` returns for ``images/`` + ``labels/`` without a ``camvid`` folder on the path."""
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
                   "Bicyclist"]
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -35,6 +44,8 @@ ADE_NUM_CLASSES = 150
 CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                       "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
                       "bicycle"]
+CAMVID_VOID = len(CAMVID_CLASSES)
+"""CamVid's void id (11), ignored."""
 CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                         26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 """Cityscapes label id → train id (cityscapesScripts ``labels.py``); any other id is ignored (255)."""
@@ -94,6 +105,7 @@ class SegmentationSplit(AnnotatedImages):
             raise DataFolderError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
         if layout == "auto":
             layout = _detect_layout(path, what)
+        values = None
         if layout == "voc":
             samples, missing = _voc_samples(path, what)
             names, ignore = VOC_CLASSES, 255
@@ -106,12 +118,19 @@ class SegmentationSplit(AnnotatedImages):
             names, ignore = [str(c) for c in range(ADE_NUM_CLASSES)], 255
         else:
             samples, missing = _pair_by_stem(path / "images", path / "labels", what)
+            if layout == BY_LABELS:  # images/ + labels/ on a path without a camvid folder: the labels decide
+                values = _label_values(samples, what)
+                layout = _layout_from_labels(path, values, ignore_index, what)
             if layout == "camvid":
-                names, ignore = CAMVID_CLASSES, len(CAMVID_CLASSES)
+                names, ignore = CAMVID_CLASSES, CAMVID_VOID
             else:
                 ignore = 255 if ignore_index is None else ignore_index
-                n = num_classes or _count_classes(samples, ignore)
+                if num_classes is None and values is None:
+                    values = _label_values(samples, what)
+                n = num_classes or _count_classes(values, ignore)
                 names = [str(c) for c in range(n)]
+        if values is None:  # unless every label map was read above
+            check_first_annotation(samples[0].label, read_label_map, f"{what} labels")
         ignore = ignore if ignore_index is None else ignore_index
         names = names if num_classes is None else [str(c) for c in range(num_classes)]
         return cls(samples, len(names), ignore, list(names), layout, missing)
@@ -121,7 +140,7 @@ def read_label_map(path: Path, size: tuple[int, int] | None = None) -> np.ndarra
     """Class indices of a label PNG (grayscale or palette; never colour-converted)."""
     label = read_annotation(path, size, kind="label map")
     if label.mode not in ("L", "P", "I") and not label.mode.startswith("I;16"):
-        raise ImageReadError(f"label map {path} has mode {label.mode}: expected class indices (L or P mode)")
+        raise AnnotationError(f"label map {path} has mode {label.mode}: expected class indices (L or P mode)")
     return np.asarray(label).astype(np.int64)
 
 
@@ -131,7 +150,7 @@ def _detect_layout(path: Path, what: str) -> str:
     if path.parent.name == "leftImg8bit" and (path.parent.parent / "gtFine" / path.name).is_dir():
         return "cityscapes"
     if (path / "images").is_dir() and (path / "labels").is_dir():
-        return "camvid" if any(p.name.lower() == "camvid" for p in [path, *path.parents]) else "folder"
+        return "camvid" if any(p.name.lower() == "camvid" for p in [path, *path.parents]) else BY_LABELS
     if path.parent.name == "images" and (path.parent.parent / "annotations" / path.name).is_dir():
         return "ade20k"
     raise DataFolderError(
@@ -181,11 +200,31 @@ def _voc_samples(split_file: Path, what: str):
     return samples, missing
 
 
-def _count_classes(samples: list[SegmentationSample], ignore: int) -> int:
-    top = 0
+def _label_values(samples: list[SegmentationSample], what: str) -> np.ndarray:
+    """The class ids found in the label maps of ``samples`` (sorted); a file that is no label
+    map is a one-line error naming it."""
+    found: set[int] = set()
     for s in samples:
-        values = np.unique(read_label_map(s.label))
-        values = values[values != ignore]
-        if len(values):
-            top = max(top, int(values.max()) + 1)
-    return max(top, 1)
+        try:
+            found.update(np.unique(read_label_map(s.label)).tolist())
+        except AnnotationError as err:
+            raise DataFolderError(f"{what} labels: {err}") from None
+    return np.array(sorted(found), dtype=np.int64)
+
+
+def _layout_from_labels(path: Path, values: np.ndarray, ignore_index: int | None, what: str) -> str:
+    """``folder``, unless the ids are CamVid's (0..11 with void 11, nothing above) and no
+    ``--ignore-index`` says which convention they follow: then ``--layout`` is needed."""
+    camvid_like = len(values) and values.max() == CAMVID_VOID and values.min() >= 0
+    if camvid_like and ignore_index is None:
+        raise DataFolderError(
+            f"{what}: the label maps of {path} hold ids {values.min()}..{CAMVID_VOID} and nothing above, CamVid's "
+            f"convention (11 classes, void {CAMVID_VOID}) or {CAMVID_VOID + 1} classes without void, and no folder on "
+            "its path is named camvid: pass --layout camvid (void ignored) or --layout folder (ignore 255)")
+    return "folder"
+
+
+def _count_classes(values: np.ndarray, ignore: int) -> int:
+    """One more than the largest class id other than ``ignore`` (at least 1)."""
+    values = values[values != ignore]
+    return int(values.max()) + 1 if len(values) else 1
