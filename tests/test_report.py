@@ -34,7 +34,8 @@ TOKENCUT_EVAL = {
     "results": {"original": {"maxFbeta": 70.125, "iou": 55.5, "acc": 88.25, "n_images": 7},
                 "soap": {"maxFbeta": 72.5, "iou": 57.0, "acc": 89.0, "n_images": 7}},
     "intervals": {"soap": {"maxFbeta": {"delta": 2.375, "low": -0.5, "high": 5.25}}},
-    "examples": [{"image": "a.png", "iou": 0.5}], "settings": {"tau": 0.3},
+    "examples": [{"image": "a.png", "iou": 0.5}],
+    "settings": {"tau": 0.3, "protocol": "soap", "model": "toy:test", "head": "heads/toy.safetensors"},
 }
 
 
@@ -159,6 +160,10 @@ def test_report_shows_each_heads_values(report, toy):
         best = int(last.si.argmax())
         assert card[f"max SI at block {head.apply_block}"] == f"{last.si.max().item():.3f} (PC{best + 1})"
         assert card["removed components"] == ", ".join(f"PC{c + 1}" for c in removed)
+        # the toy backbone ends in a LayerNorm: one direction (the last by eigenvalue) has no variance
+        null = (last.eigenvalues <= 1e-9 * last.eigenvalues.max()).nonzero().flatten().tolist()
+        assert null == [len(last.eigenvalues) - 1]
+        assert card["LayerNorm null direction"] == f"PC{null[0] + 1} (no variance: SI undefined)"
         rows = {r[0].split()[0]: r[1:] for r in table["rows"][1:]}
         assert sorted(rows) == [str(b) for b in sorted(head.blocks)]
         for b, d in head.blocks.items():
@@ -168,13 +173,16 @@ def test_report_shows_each_heads_values(report, toy):
                                     f"{d.position_share[top].item():.0%}", weighted]
 
 
-def test_report_tables_evaluations_by_variant(report):
+def test_report_tables_evaluations_by_variant_naming_model_head_and_metrics(report):
     tables = {t["caption"]: t["rows"] for t in parse(report.read_text(encoding="utf-8")).tables}
-    assert tables["knn.json (knnseg)"] == [["variant", "miou", "acc"], ["original", "31.250", "80.500"],
-                                  ["soap", "33.750", "81.000"], ["soap-mu3", "32.500", "80.750"]]
-    assert tables["tokencut.json (tokencut)"] == [["variant", "maxFbeta", "iou", "acc", "n_images"],
-                                       ["original", "70.125", "55.500", "88.250", "7"],
-                                       ["soap", "72.500 (+2.38 [-0.50, +5.25])", "57.000", "89.000", "7"]]
+    # a file without model and head in its settings says so rather than leaving them out
+    assert tables["kNN segmentation — model not recorded, head not recorded — knn.json"] == [
+        ["variant", "mIoU", "pixel accuracy"], ["original", "31.250", "80.500"],
+        ["soap", "33.750", "81.000"], ["soap-mu3", "32.500", "80.750"]]
+    assert tables["TokenCut (soap protocol) — model toy:test, head toy.safetensors — tokencut.json"] == [
+        ["variant", "max Fβ", "IoU", "pixel accuracy", "images"],
+        ["original", "70.125", "55.500", "88.250", "7"],
+        ["soap", "72.500 (+2.38 [-0.50, +5.25])", "57.000", "89.000", "7"]]
 
 
 def test_report_tolerates_missing_metadata_and_nothing_removed(toy):

@@ -4,6 +4,8 @@ maps), TokenCut mask comparisons and CLS-attention profiles.
 Each function takes plain data (heads, arrays, reports), draws one figure, saves it and returns
 the path.
 MIM models are drawn solid and non-MIM models dashed, as in the SOAP paper's figures.
+A component without variance (behind a final LayerNorm: the direction it removes) has no
+meaningful SI: SI curves leave it out of the line and mark it apart (:func:`null_components`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .corrections.soap import SI_THRESHOLD, SoapHead  # noqa: E402
+from .corrections.soap import SI_THRESHOLD, BlockDecomposition, SoapHead, without_degenerate  # noqa: E402
 from .io import save_figure  # noqa: E402
 
+NULL_DIRECTION = "LayerNorm null direction"
+"""What an SI figure calls a component without variance (see :func:`null_components`)."""
 
 
 def _save(fig, path: Path) -> Path:
@@ -30,19 +34,53 @@ def _save(fig, path: Path) -> Path:
         plt.close(fig)
 
 
-def plot_si_curves(heads: Mapping[str, SoapHead], path: Path, dashed: Sequence[str] = (), top: int = 10) -> Path:
+def null_components(block: BlockDecomposition) -> list[int]:
+    """Components (eigenvalue order) without variance: the direction a final LayerNorm removes
+    (it centres every token). Their SI is rounding noise, pinned to the floor by the fit; these
+    are exactly the components :func:`~soapvit.corrections.soap.without_degenerate` pins."""
+    marked = without_degenerate(torch.ones_like(block.eigenvalues), block.eigenvalues, eps=0.0)
+    return (marked == 0).nonzero().flatten().tolist()
+
+
+def draw_si_curve(ax, block: BlockDecomposition, style: str = "-", label: str | None = None,
+                  top: int | None = None, null_label: str | None = NULL_DIRECTION, **line):
+    """SI of ``block``'s components sorted in descending order as a line (the first ``top``
+    ranks when given), without the null components: those are grey crosses at SI 0 after the
+    line's last rank, labelled ``null_label``. Returns the line."""
+    null = null_components(block)
+    si = np.sort(np.delete(block.si.numpy(), null))[::-1]
+    shown = si[:top] if top is not None else si
+    curve = ax.plot(np.arange(1, len(shown) + 1), shown, style, label=label, **line)[0]
+    ranks = np.arange(len(si) + 1, len(si) + len(null) + 1)
+    if top is not None:
+        ranks = ranks[ranks <= top]
+    if len(ranks):
+        ax.plot(ranks, np.zeros(len(ranks)), linestyle="none", marker="x", ms=6, mew=1.5, color="grey",
+                label=null_label, clip_on=False)
+    return curve
+
+
+def si_curves_figure(heads: Mapping[str, SoapHead], dashed: Sequence[str] = (), top: int = 10):
     """SI of the head's block sorted in descending order: all components, and the top ``top``."""
     fig, (ax_all, ax_top) = plt.subplots(1, 2, figsize=(11, 4))
+    null_label = f"{NULL_DIRECTION} (no variance: SI undefined)"
     for label, head in heads.items():
-        si = np.sort(head.blocks[head.apply_block].si.numpy())[::-1]
+        block = head.blocks[head.apply_block]
         style = "--" if label in dashed else "-"
-        ax_all.plot(np.arange(1, len(si) + 1), si, style, label=label)
-        ax_top.plot(np.arange(1, min(top, len(si)) + 1), si[:top], style, marker="o", label=label)
+        draw_si_curve(ax_all, block, style, label, null_label=null_label)
+        draw_si_curve(ax_top, block, style, label, top=top, null_label=null_label, marker="o")
     for ax, title in ((ax_all, "all components"), (ax_top, f"top {top}")):
         ax.axhline(SI_THRESHOLD, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="rank by SI", ylabel="semantic invariance", title=title, ylim=(0, 1.02))
-    ax_top.legend(fontsize=8)
-    return _save(fig, path)
+        handles = dict(zip(*ax.get_legend_handles_labels()[::-1]))  # one null entry for all heads
+        if handles:
+            ax.legend(handles.values(), handles.keys(), fontsize=8)
+    return fig
+
+
+def plot_si_curves(heads: Mapping[str, SoapHead], path: Path, dashed: Sequence[str] = (), top: int = 10) -> Path:
+    """:func:`si_curves_figure`, saved to ``path``."""
+    return _save(si_curves_figure(heads, dashed, top), path)
 
 
 def plot_max_si_per_block(heads: Mapping[str, SoapHead], path: Path, dashed: Sequence[str] = ()) -> Path:
@@ -99,22 +137,33 @@ def pca_rgb(tokens: np.ndarray) -> np.ndarray:
     return rgb.reshape(*tokens.shape[:2], 3)
 
 
-def plot_token_maps(images: Sequence[np.ndarray], before: Sequence[np.ndarray], after: Sequence[np.ndarray],
-                    head: SoapHead, path: Path, count: int = 2) -> Path:
-    """Per image: the image, PCA-RGB of the tokens before/after SOAP, and the top-SI component
-    maps ``(z − μ)·v`` before and after the projection."""
+def component_maps(z: np.ndarray, zc: np.ndarray, head: SoapHead, component: int) -> tuple[np.ndarray, np.ndarray]:
+    """Component ``component`` of the head's block on tokens ``z`` before and ``zc`` after the
+    head, each centred on the mean of its own side: ``(z − μ)·v`` before and ``(ẑ − Pμ)·v``
+    after, ``Pμ`` being the fit mean ``μ`` mapped by the head (it does not centre). The after
+    map is thus ``(1 − w)`` times the before map: a removed component is flat at 0."""
     d = head.blocks[head.apply_block]
-    comps = top_components(head, count)
-    v = d.eigenvectors.numpy()
+    v = d.eigenvectors.numpy()[:, component]
     mean = d.mean.numpy()
+    mean_after = head.transform(d.mean).numpy()
+    return (z - mean) @ v, (zc - mean_after) @ v
+
+
+def token_maps_figure(images: Sequence[np.ndarray], before: Sequence[np.ndarray], after: Sequence[np.ndarray],
+                      head: SoapHead, count: int = 2):
+    """Per image: the image, PCA-RGB of the tokens before/after SOAP, and the top-SI component
+    maps before and after the projection (:func:`component_maps`) on one diverging scale
+    centred on 0 with the before map's symmetric limits."""
+    comps = top_components(head, count)
     cols = 3 + 2 * len(comps)
     fig, axes = plt.subplots(len(images), cols, figsize=(1.9 * cols, 1.9 * len(images)), squeeze=False)
     for i, (img, z, zc) in enumerate(zip(images, before, after)):
         panels = [(img, "image", None), (pca_rgb(z), "PCA before", None), (pca_rgb(zc), "PCA after", None)]
         for c in comps:
-            lim = np.abs((z - mean) @ v[:, c]).max()
-            panels.append(((z - mean) @ v[:, c], f"PC{c + 1} before", lim))
-            panels.append(((zc - mean) @ v[:, c], f"PC{c + 1} after", lim))
+            was, now = component_maps(z, zc, head, c)
+            lim = max(float(np.abs(was).max()), 1e-12)
+            panels.append((was, f"PC{c + 1} before", lim))
+            panels.append((now, f"PC{c + 1} after", lim))
         for ax, (data, title, lim) in zip(axes[i], panels):
             if lim is None:
                 ax.imshow(data)
@@ -123,7 +172,13 @@ def plot_token_maps(images: Sequence[np.ndarray], before: Sequence[np.ndarray], 
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
                 ax.set_title(title, fontsize=8)
-    return _save(fig, path)
+    return fig
+
+
+def plot_token_maps(images: Sequence[np.ndarray], before: Sequence[np.ndarray], after: Sequence[np.ndarray],
+                    head: SoapHead, path: Path, count: int = 2) -> Path:
+    """:func:`token_maps_figure`, saved to ``path``."""
+    return _save(token_maps_figure(images, before, after, head, count), path)
 
 
 def render_head_figures(head: SoapHead, out: Path, backbone=None, image_files: Sequence[Path] = (),

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
 from PIL import Image
 
 from .errors import SoapvitError
-from .plots import plot_max_si_per_block, render_head_figures, response_maps_figure
+from .plots import (NULL_DIRECTION, draw_si_curve, null_components, plot_max_si_per_block, render_head_figures,
+                    response_maps_figure)
 from .io import write_text
 from .corrections.soap import REMOVED_WEIGHT, SI_THRESHOLD, SoapHead, high_si, removed
 
@@ -94,26 +96,36 @@ def removed_components(head: SoapHead, block: int | None = None) -> list[int]:
 
 
 # -- figures ------------------------------------------------------------------------------------
-def si_small_multiples(head: SoapHead) -> str:
-    """One panel per fitted block: SI of every component sorted in descending order."""
+def si_small_multiples_figure(head: SoapHead):
+    """One panel per fitted block: SI of every component sorted in descending order, the
+    LayerNorm null direction marked apart (:func:`~soapvit.plots.draw_si_curve`)."""
     blocks = sorted(head.blocks)
     cols = min(4, len(blocks))
     rows = math.ceil(len(blocks) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.0 * rows), sharex=True, sharey=True, squeeze=False)
     for ax, b in zip(axes.flat, blocks):
-        si = np.sort(head.blocks[b].si.numpy())[::-1]
-        ax.plot(np.arange(1, len(si) + 1), si, lw=1.2)
+        d = head.blocks[b]
+        draw_si_curve(ax, d, lw=1.2)
         ax.axhline(SI_THRESHOLD, color="grey", lw=0.8, ls=":")
         marker = " (head)" if b == head.apply_block else ""
-        above = high_si(head.blocks[b].si).numel()
-        ax.set_title(f"block {b}{marker}: max {si[0]:.2f}, {above} ≥ {SI_THRESHOLD}", fontsize=8)
+        above = high_si(d.si).numel()
+        ax.set_title(f"block {b}{marker}: max {d.si.max().item():.2f}, {above} ≥ {SI_THRESHOLD}", fontsize=8)
         ax.set_ylim(0, 1.02)
     for ax in axes.flat[len(blocks):]:
         ax.set_axis_off()
     fig.supxlabel("rank by SI", fontsize=9)
     fig.supylabel("semantic invariance", fontsize=9)
     fig.tight_layout()
-    return _figure_uri(fig)
+    if any(null_components(head.blocks[b]) for b in blocks):
+        cross = Line2D([], [], linestyle="none", marker="x", mew=1.5, color="grey")
+        fig.legend([cross], [f"{NULL_DIRECTION} (no variance: SI undefined)"], loc="upper center", fontsize=8,
+                   frameon=False, bbox_to_anchor=(0.5, 0.0))
+    return fig
+
+
+def si_small_multiples(head: SoapHead) -> str:
+    """:func:`si_small_multiples_figure` as a data URI."""
+    return _figure_uri(si_small_multiples_figure(head))
 
 
 def components_above_threshold_vs_depth(heads: Mapping[str, SoapHead]) -> str:
@@ -136,14 +148,22 @@ def position_share_map(head: SoapHead, count: int = 24) -> str:
     count = min(count, min(len(head.blocks[b].si) for b in blocks))
     share = np.stack([head.blocks[b].position_share[:count].numpy() for b in blocks])
     high = np.stack([head.blocks[b].si[:count].numpy() >= SI_THRESHOLD for b in blocks])
+    null = np.zeros_like(high)
+    for row, b in enumerate(blocks):
+        null[row, [c for c in null_components(head.blocks[b]) if c < count]] = True
+    share[null] = np.nan  # no variance: no share to show
     fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * count + 2), 0.3 * len(blocks) + 1.6))
     image = ax.imshow(share, vmin=0, vmax=1, cmap="magma", aspect="auto")
     rows, cols = np.nonzero(high)
     ax.scatter(cols, rows, s=10, c="cyan", edgecolors="black", linewidths=0.4)
+    title = f"variance share from patch position (dots: SI ≥ {SI_THRESHOLD}"
+    if null.any():
+        rows, cols = np.nonzero(null)
+        ax.scatter(cols, rows, s=18, marker="x", c="grey", linewidths=1.2)
+        title += f"; ×: {NULL_DIRECTION}"
     ax.set_xticks(range(count), [f"{c + 1}" for c in range(count)], fontsize=7)
     ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
-    ax.set(xlabel="principal component (descending eigenvalue)", ylabel="block",
-           title=f"variance share from patch position (dots: SI ≥ {SI_THRESHOLD})")
+    ax.set(xlabel="principal component (descending eigenvalue)", ylabel="block", title=title + ")")
     fig.colorbar(image, ax=ax, label="variance share from position", fraction=0.04)
     return _figure_uri(fig)
 
@@ -189,6 +209,45 @@ def read_evaluation(path: Path) -> Mapping:
     return payload
 
 
+#: Readable names of the metrics ``soapvit eval … --out`` writes (a key not listed: its words).
+METRIC_NAMES = {
+    "maxFbeta": "max Fβ", "iou": "IoU", "acc": "pixel accuracy", "miou": "mIoU", "corloc": "CorLoc",
+    "pck@0.05": "PCK@0.05", "pck@0.1": "PCK@0.1", "same_position": "same-position rate", "n_images": "images",
+    "n_patches": "patches", "first_loss": "first loss", "final_loss": "final loss", "k": "k",
+    "position_probe_acc": "position-probe accuracy", "chance": "position-probe chance",
+    "cos_same_position": "cosine, same position", "cos_other_position": "cosine, other positions",
+    "high_norm_share": "high-norm share", "effective_rank": "effective rank",
+}
+#: What each ``kind`` of evaluation file measured.
+EVALUATION_NAMES = {"tokencut": "TokenCut", "knnseg": "kNN segmentation", "linseg": "linear segmentation probe",
+                    "warp": "warp consistency", "artifacts": "token artifacts"}
+
+
+def metric_name(key: str) -> str:
+    """The column heading of metric ``key``."""
+    return METRIC_NAMES.get(key, key.replace("_", " "))
+
+
+def evaluation_title(payload: Mapping, name: str) -> str:
+    """What an evaluation file measured, of which model, with which head: ``TokenCut (soap
+    protocol) — model zoo:mae, head mae.safetensors — tokencut.json``. A file without
+    ``settings`` (not written by this version) says what it does not record."""
+    settings = payload.get("settings") if isinstance(payload.get("settings"), Mapping) else {}
+    kind = payload.get("kind")
+    what = EVALUATION_NAMES.get(kind, str(kind)) if kind is not None else "evaluation"
+    protocol = settings.get("protocol")
+    if isinstance(protocol, str) and kind in ("tokencut", "knnseg"):
+        what += f" ({protocol} protocol)"
+    model = f"model {settings['model']}" if settings.get("model") else "model not recorded"
+    if "head" not in settings:
+        head = "head not recorded"
+    elif settings["head"]:
+        head = f"head {Path(str(settings['head'])).name}"
+    else:
+        head = "no head (original tokens only)"
+    return f"{what} — {model}, {head} — {name}"
+
+
 def _format(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:.3f}"
 
@@ -204,7 +263,7 @@ def _evaluation_table(name: str, variants: Mapping[str, Mapping[str, float]],
                       intervals: Mapping[str, Mapping] | None = None) -> str:
     intervals = intervals if isinstance(intervals, Mapping) else {}
     columns = list(dict.fromkeys(k for metrics in variants.values() for k in metrics))
-    head = "".join(f'<th scope="col">{html.escape(c)}</th>' for c in columns)
+    head = "".join(f'<th scope="col">{html.escape(metric_name(c))}</th>' for c in columns)
     rows = "".join(
         f'<tr><th scope="row">{html.escape(v)}</th>'
         + "".join(f"<td>{_cell(m[c], intervals.get(v, {}).get(c)) if c in m else '–'}</td>" for c in columns)
@@ -225,7 +284,7 @@ def _skipped_entry(entry) -> str:
 def _card(head: SoapHead) -> str:
     meta = head.metadata
     d = head.blocks[head.apply_block]
-    top = int(d.si.argmax())
+    top, null = int(d.si.argmax()), null_components(d)
     skipped = [_skipped_entry(s) for s in meta["skipped"]] if "skipped" in meta else None
     mu = meta.get("mu", "not recorded")
     entries = {
@@ -242,6 +301,7 @@ def _card(head: SoapHead) -> str:
         "head applies to block": head.apply_block,
         f"max SI at block {head.apply_block}": f"{d.si.max().item():.3f} (PC{top + 1})",
         "removed components": ", ".join(f"PC{c + 1}" for c in removed_components(head)) or "none",
+        NULL_DIRECTION: (", ".join(f"PC{c + 1}" for c in null) + " (no variance: SI undefined)") if null else "none",
     }
     rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in entries.items())
     return f'<dl class="card">{rows}</dl>'
@@ -303,14 +363,15 @@ def _head_section(index: int, label: str, head: SoapHead, backbone, images: Sequ
         f'<h3 id="{anchor}-card">{HEAD_SECTIONS[0]}</h3>', _card(head),
         f'<h3 id="{anchor}-si">{HEAD_SECTIONS[1]}</h3>', _block_table(head),
         _figure(si_small_multiples(head), f"sorted SI curves per block of {label}",
-                f"SI of every principal component, sorted, one panel per block; the dotted line is {SI_THRESHOLD}. "
-                "Look for curves that stay high over many ranks: those blocks carry many components that respond "
-                "alike to real and synthetic images."),
+                f"SI of every principal component, sorted, one panel per block; the dotted line is {SI_THRESHOLD}; "
+                f"a grey cross after the curve marks the {NULL_DIRECTION} (the direction a final LayerNorm removes: "
+                "no variance, so no SI). Look for curves that stay high over many ranks: those blocks carry many "
+                "components that respond alike to real and synthetic images."),
         f'<h3 id="{anchor}-position">{HEAD_SECTIONS[2]}</h3>',
         _figure(position_share_map(head), f"positional variance share of {label}",
                 "Share of each leading component's variance explained by patch position alone (per-position mean "
-                f"tokens), per block; dots mark SI ≥ {SI_THRESHOLD}. Look for bright cells under the dots: "
-                "high-SI components that are position codes."),
+                f"tokens), per block; dots mark SI ≥ {SI_THRESHOLD}, crosses the {NULL_DIRECTION} (no variance). "
+                "Look for bright cells under the dots: high-SI components that are position codes."),
         f'<h3 id="{anchor}-removed">{HEAD_SECTIONS[3]}</h3>', responses,
         f'<h3 id="{anchor}-tokens">{HEAD_SECTIONS[4]}</h3>', _token_maps(head, label, backbone, images, workdir),
     ]
@@ -338,8 +399,8 @@ def _evaluation_section(evaluations: Sequence[Path]) -> str:
         parts.append('<p class="muted">No evaluation files given (<code>--eval</code>).</p>')
     for path in map(Path, evaluations):
         payload = read_evaluation(path)
-        title = f"{path.name} ({payload['kind']})" if "kind" in payload else path.name
-        parts.append(_evaluation_table(title, evaluation_variants(payload, path.name), payload.get("intervals")))
+        parts.append(_evaluation_table(evaluation_title(payload, path.name), evaluation_variants(payload, path.name),
+                                       payload.get("intervals")))
     parts.append("<p>Metrics as written by <code>soapvit eval</code> (percent where the evaluation reports "
                  "percent); one row per variant of the tokens; in brackets, a corrected variant's difference to "
                  "the original with its paired bootstrap 95 % interval over images.</p></section>")

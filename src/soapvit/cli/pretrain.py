@@ -12,34 +12,41 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..errors import SoapvitError
 from ..validation import OPTIONAL_COUNT, Interval, validate
 from . import app, console, report
-from .common import Output, ThreadsOpt, set_threads
+from .common import DeviceOpt, Output, ThreadsOpt, set_threads
 
 
 @app.command()
 def pretrain(
-    objective: Annotated[str, typer.Option(help="mae | maskfeat | semanticmim | supervised | dino | ibot")],
-    data: Annotated[Path, typer.Option(help="folder of '<split>-*.tar[.gz]' shards (KEY.jpg + KEY.cls)")],
-    out: Annotated[Path, typer.Option(help="training checkpoint to write (.pt)"), Output((".pt",), "a checkpoint", updates=("resume",))],
-    epochs: Annotated[float, typer.Option(help="length of the schedule (may be fractional)")] = 1.0,
-    resume: Annotated[Path | None, typer.Option(help="continue this checkpoint (its recipe wins)")] = None,
-    export: Annotated[Path | None, typer.Option(help="also write the encoder as fp16 zoo .safetensors"),
+    objective: Annotated[str, typer.Option(help="Training objective: mae, maskfeat, semanticmim (masked image "
+                                                "modelling), supervised, dino or ibot (self-distillation).")],
+    data: Annotated[Path, typer.Option(help="Folder of labelled tar shards '<split>-*.tar[.gz]' (KEY.jpg + KEY.cls "
+                                            "per image), e.g. ../shared/data/tiny-imagenet.")],
+    out: Annotated[Path, typer.Option(help="Training checkpoint to write (.pt), every few minutes and at the end."),
+                   Output((".pt",), "a checkpoint", updates=("resume",))],
+    epochs: Annotated[float, typer.Option(help="Length of the schedule in epochs (may be fractional).")] = 1.0,
+    resume: Annotated[Path | None, typer.Option(
+        help="Checkpoint to continue with the recipe it holds (schedule, batch size, learning rate, seed, "
+             "architecture: those options are ignored); --objective must match it.")] = None,
+    export: Annotated[Path | None, typer.Option(help="Also write the encoder as a zoo model file (.safetensors, fp16)."),
                       Output((".safetensors",), "a model file")] = None,
-    split: Annotated[str, typer.Option(help="shard split to train on")] = "train",
-    limit: Annotated[int | None, typer.Option(help="use only the first N images")] = None,
-    batch_size: Annotated[int, typer.Option()] = 64,
-    lr: Annotated[float | None, typer.Option(help="peak learning rate (default per objective)")] = None,
-    image_size: Annotated[int, typer.Option()] = 64,
-    patch_size: Annotated[int, typer.Option()] = 8,
-    embed_dim: Annotated[int, typer.Option()] = 96,
-    depth: Annotated[int, typer.Option()] = 6,
-    num_heads: Annotated[int, typer.Option()] = 3,
-    max_minutes: Annotated[float | None, typer.Option(help="stop this call after N minutes (resume later)")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="stop this call after N steps (resume later)")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: CUDA if available)")] = None,
+    split: Annotated[str, typer.Option(help="Shard split to train on.")] = "train",
+    limit: Annotated[int | None, typer.Option(help="Use the first N images of the split.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 64,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: 1e-3; 5e-4 for dino and ibot).")] = None,
+    image_size: Annotated[int, typer.Option(help="Square input size of the ViT (a multiple of --patch-size).")] = 64,
+    patch_size: Annotated[int, typer.Option(help="Patch side of the ViT in pixels.")] = 8,
+    embed_dim: Annotated[int, typer.Option(help="Token width of the ViT (a multiple of --num-heads).")] = 96,
+    depth: Annotated[int, typer.Option(help="Number of transformer blocks.")] = 6,
+    num_heads: Annotated[int, typer.Option(help="Attention heads per block.")] = 3,
+    max_minutes: Annotated[float | None, typer.Option(
+        help="Stop this run after N minutes (continue it with --resume).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop this run after N steps (continue it with --resume).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the data order, augmentations and masks.")] = 0,
+    device: DeviceOpt = None,
     threads: ThreadsOpt = 1,
 ) -> None:
-    """Pre-train (or resume) a ViT; checkpoints every few minutes and at the end."""
+    """Pre-train a ViT with one objective on labelled tar shards, or continue a checkpoint
+    (--resume); the checkpoint is saved every few minutes and at the end."""
     from ..data.shards import load_labelled_shards
     from ..features import resolve_device
     from ..pretrain import TrainConfig, export_backbone, load_checkpoint, train
