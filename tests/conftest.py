@@ -40,7 +40,7 @@ class ToyBackbone(Backbone):
             if i in edits:
                 x = edits[i](x)
             if i in blocks:
-                hidden[i] = self.norm(x) if norm else x
+                hidden[i] = self.norm(x) if i in norm else x
         return RawOutput(hidden=hidden, keys=x @ self.mix[-1] if keys else None)
 
 

@@ -61,3 +61,21 @@ def test_the_backbone_check_refuses_branch_fits_other_models_and_widths():
         check_backbone({"backbone": "toy:test"}, [narrow], backbone, allow_other=True)
     with pytest.raises(SoapvitError, match="other weights"):
         check_backbone({"backbone": "toy:test", "weights_digest": "0" * 16}, [posmean], backbone)
+
+
+def test_an_earlier_block_correction_fitted_on_final_norm_tokens_is_warned_about():
+    """Only a correction that edits the residual stream inside the pass (an earlier block) of a
+    fit whose tokens all took the final norm (files of earlier versions, ``--final-norm all``)."""
+    import warnings
+
+    backbone = ToyBackbone(dim=16)  # blocks 0 and 1
+    earlier = PositionMean().fit_offset(torch.zeros(4, 4, 16), torch.zeros(16), 0)
+    last = PositionMean().fit_offset(torch.zeros(4, 4, 16), torch.zeros(16), 1)
+    with pytest.warns(UserWarning, match="at block 0 was fitted on final-norm tokens"):
+        check_backbone({"backbone": "toy:test", "norm": True}, [earlier, last], backbone)
+    with pytest.warns(UserWarning, match="at block 0 was fitted on final-norm tokens"):
+        check_backbone({"backbone": "toy:test"}, [earlier], backbone)  # no record: an older file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_backbone({"backbone": "toy:test", "norm": "last"}, [earlier, last], backbone)
+        check_backbone({"backbone": "toy:test", "norm": True}, [last], backbone)

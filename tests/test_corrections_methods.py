@@ -288,14 +288,14 @@ def test_blank_at_an_earlier_block_of_a_hooked_backbone_computes_its_template_ou
     backbone = HFBackbone(Dinov2Model(config).eval(), "hf:tiny")
     zeros = torch.zeros(1, 3, 16, 16)
     with torch.no_grad():
-        template = backbone.forward_features(zeros, [1]).tokens[1][0]
+        template = backbone.forward_features(zeros, [1], norm=False).tokens[1][0]
     blank = BlankTemplate()
     blank.template_, blank.block_, blank.dim_ = template, 1, 16
     pixels = torch.randn(2, 3, 24, 20)  # another grid than the template's
     with torch.no_grad():
         corrected = attach(backbone, blank).forward_features(pixels, [2]).tokens[2]
-        wide = backbone.forward_features(torch.zeros(1, 3, 24, 20), [1]).tokens[1][0]
+        wide = backbone.forward_features(torch.zeros(1, 3, 24, 20), [1], norm=False).tokens[1][0]
         edit = {1: lambda seq: torch.cat([seq[:, :1], seq[:, 1:] - wide.reshape(1, -1, 16)], 1)}
-        # the block-1 edit subtracts the final-norm template from the residual stream, as the head rule says
+        # the block-1 edit subtracts the zero image's residual stream at block 1 (the tokens it edits)
         expected = backbone.forward_features(pixels, [2], edits=edit).tokens[2]
     torch.testing.assert_close(corrected, expected)

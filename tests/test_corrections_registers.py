@@ -206,7 +206,7 @@ def hooked_reference(backbone, pixels, neurons):
     handles = [backbone.block_modules()[0].register_forward_pre_hook(enter)]
     handles += [acts[b].register_forward_hook(lambda m, i, o, n=n: shift(n, m, i, o)) for b, n in neurons.tolist()]
     try:
-        raw = backbone._run(pixels, [0, 1, 2], True, False, [], {})
+        raw = backbone._run(pixels, [0, 1, 2], {0, 1, 2}, False, [], {})
     finally:
         for h in handles:
             h.remove()
@@ -229,7 +229,7 @@ def test_hf_wrap_keeps_shapes_and_matches_hooks(dead):
     with torch.no_grad():
         before = backbone.forward_features(pixels, "all", keys=True, attentions="all")
         after = wrapped.forward_features(pixels, "all", keys=True, attentions="all")
-        raw = wrapped._run(pixels, [0, 1, 2], True, False, [], {})
+        raw = wrapped._run(pixels, [0, 1, 2], {0, 1, 2}, False, [], {})
         expected = hooked_reference(backbone, pixels, correction.neurons_)
     assert after.keys.shape == before.keys.shape and after.prefix[2].shape == before.prefix[2].shape
     assert {b: a.shape for b, a in after.attentions.items()} == {b: a.shape for b, a in before.attentions.items()}

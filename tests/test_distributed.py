@@ -19,7 +19,10 @@ from conftest import ToyBackbone
 from soapvit import distributed
 from soapvit.data.saliency import SaliencyDataset
 from soapvit.data.segmentation import SegmentationSplit
+from soapvit.data.sources import open_images
+from soapvit.eval.correspondence import WarpConfig, evaluate_warp
 from soapvit.eval.knnseg import KnnConfig, evaluate_knnseg
+from soapvit.eval.linear_seg import LinearSegConfig, evaluate_linear_seg
 from soapvit.eval.salient import TokenCutConfig, evaluate_tokencut
 from conftest import fit_soap
 from soapvit.resume import FitState, align_stages
@@ -114,6 +117,58 @@ def test_three_gloo_processes_fit_tokencut_knn_and_resume_alignment_like_one(tmp
     for variant, result in knn.results.items():
         assert got["knn"][variant]["miou"] == pytest.approx(result["miou"], abs=1e-6)
         assert got["knn"][variant]["per_class_iou"] == pytest.approx(result["per_class_iou"], abs=1e-6)
+
+
+def run_protocols(root):
+    """The CAPI kNN protocol, the linear probe and warp consistency, each with a correction."""
+    colour = ColourBackbone()
+    corrections = {"soap": make_head(torch.diag(torch.linspace(0, 1, 12)))}
+    train, val = SegmentationSplit.open(root / "seg" / "train"), SegmentationSplit.open(root / "seg" / "val", what="--val")
+    capi = evaluate_knnseg(colour, train, val, corrections=corrections,
+                           config=KnnConfig(protocol="capi", image_size=32, batch_size=2))
+    linseg = evaluate_linear_seg(colour, train, val, corrections=corrections,
+                                 config=LinearSegConfig(iterations=40, batch_size=2, image_size=32, encode_batch_size=2))
+    warp = evaluate_warp(colour, open_images(root / "real"), corrections=corrections,
+                         config=WarpConfig(image_size=32, batch_size=2))
+    return {name: {"results": r.results, "intervals": r.intervals, "per_image": r.per_image}
+            for name, r in (("capi", capi), ("linseg", linseg), ("warp", warp))}
+
+
+def _protocol_worker(rank, world, root):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous-protocols", rank=rank, world_size=world)
+    try:
+        got = run_protocols(root)
+        if rank == 0:
+            (root / "protocols.json").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_score_capi_knn_linear_probe_and_warp_like_one(tmp_path):
+    root = make_data(tmp_path)
+    one = json.loads(json.dumps(run_protocols(root)))  # the same JSON round trip as the workers' file
+    mp.spawn(_protocol_worker, args=(2, root), nprocs=2)
+    two = json.loads((root / "protocols.json").read_text())
+    assert one["capi"]["results"]["original"]["miou"] > 50 and one["warp"]["results"]["original"]["n_images"] == 7
+    assert one["linseg"]["results"]["soap"]["miou"] > 0
+    assert_same_json(two, one)
+
+
+def assert_same_json(got, expected, where="", atol=1e-6):
+    """Equal structure, strings and counts; floats within ``atol``."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), where
+        for key in expected:
+            assert_same_json(got[key], expected[key], f"{where}/{key}", atol)
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert_same_json(g, e, f"{where}/{i}", atol)
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, abs=atol, nan_ok=True), where
+    else:
+        assert got == expected, where
 
 
 def test_torchrun_two_processes_cli_fit_equals_one(tmp_path, run_cli):

@@ -33,9 +33,10 @@ def _np_si(p, q):
     return np.clip(num / den, 1e-6, 1 - 1e-6)
 
 
-def _tokens(backbone, batches, block):
+def _tokens(backbone, batches, block, norm=True):
     with torch.no_grad():
-        return np.concatenate([backbone.forward_features(x, [block]).tokens[block].double().numpy() for x in batches])
+        return np.concatenate([backbone.forward_features(x, [block], norm=norm).tokens[block].double().numpy()
+                               for x in batches])
 
 
 @pytest.mark.parametrize("variant", ["reference", "paper"])
@@ -55,8 +56,10 @@ def test_fit_matches_numpy_recomputation(toy_backbone, image_folder, variant):
     real_px = [torch.stack([transform(load_image(f)) for f in files])]
     fake_px = list(SyntheticImages(17, 16, "mixture", 3).batches(5))
     for block in (0, 1):
-        real = _tokens(backbone, real_px, block)  # (N, h, w, D)
-        fake = _tokens(backbone, fake_px, block)
+        # a fit gathers each block as a correction there edits it: block 0 is the raw residual
+        # stream (no final norm), block 1 (the last) the final-norm output
+        real = _tokens(backbone, real_px, block, norm=block == 1)  # (N, h, w, D)
+        fake = _tokens(backbone, fake_px, block, norm=block == 1)
         flat = real.reshape(-1, real.shape[-1])
         mean = flat.mean(0)
         values, vectors = np.linalg.eigh(np.cov(flat, rowvar=False))
@@ -64,9 +67,10 @@ def test_fit_matches_numpy_recomputation(toy_backbone, image_folder, variant):
         d = head.blocks[block]
         # float32 tokens: the batch scatter is float32, so eigenvalues agree to float32 precision
         np.testing.assert_allclose(d.eigenvalues.numpy(), values, rtol=1e-6, atol=1e-7 * values[0])
-        # LayerNorm leaves one direction without variance: its response signs are rounding noise
+        # the final LayerNorm leaves one direction without variance (its response signs are rounding
+        # noise); the raw residual stream of block 0 has none
         keep = values > 1e-9 * values[0]
-        assert keep.sum() == len(values) - 1
+        assert keep.sum() == len(values) - (block == 1)
         if variant == "reference":
             p = (((real - mean) @ vectors) > 0).mean(0)
             q = (((fake - mean) @ vectors) > 0).mean(0)

@@ -48,7 +48,7 @@ class ThreeBlocks(Backbone):
             if i in edits:
                 x = edits[i](x)
             if i in blocks:
-                hidden[i] = self.norm(x) if norm else x
+                hidden[i] = self.norm(x) if i in norm else x
         return RawOutput(hidden=hidden, keys=x @ self.mix[-1] if keys else None)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .backbones.base import BLOCK_FEATURES, Backbone
+from .backbones.base import BLOCK_FEATURES, EDITED_TOKENS, NORMS, Backbone
 from .data.sources import ImageFiles, ImageSource, ImageStream, TarShards, is_stream, open_images
 from .data.synthetic import GENERATORS, SyntheticImages
 from .data.transforms import ImageTransform
@@ -88,7 +88,7 @@ def collect_statistics(
     blocks: Sequence[int],
     image_transform: ImageTransform,
     batch_size: int = 32,
-    norm: bool = True,
+    norm: bool | str = EDITED_TOKENS,
     block_features: str = "residual",
     cache_gb: float = 8.0,
     device_cache_gb: float = DEVICE_CACHE_GB,
@@ -204,7 +204,7 @@ def collect_statistics(
 FIT_CONSTRAINTS = {
     "limit": OPTIONAL_COUNT, "synthetic": OPTIONAL_COUNT, "image_size": OPTIONAL_COUNT, "batch_size": COUNT,
     "cache_gb": Interval(float, 0), "num_workers": Interval(int, 0, optional=True), "seed": Interval(int),
-    "generator": Options(GENERATORS), "block_features": Options(BLOCK_FEATURES), "checkpoint_every": COUNT,
+    "generator": Options(GENERATORS), "block_features": Options(BLOCK_FEATURES), "norm": Options(NORMS), "checkpoint_every": COUNT,
     "calibration_images": COUNT, "precision": Options(PRECISIONS),
 }
 
@@ -260,7 +260,7 @@ def fit(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     seed: int = 0,
-    norm: bool = True,
+    norm: bool | str = EDITED_TOKENS,
     block_features: str = "residual",
     precision: str = "bf16",
     config: SoapConfig | None = None,
@@ -283,7 +283,11 @@ def fit(
 
     ``synthetic`` defaults to the number of real images; ``blocks`` are fitted (``"all"``,
     ``"last"`` or indices) and the projector is built for ``apply_block`` (default the last).
-    ``block_features`` picks what a block's tokens are (see
+    ``norm``: the default ``"last"`` gathers every block's tokens as a correction there edits
+    them (the head rule: the final-norm output at the last block, the raw residual stream at an
+    earlier one); ``True`` takes every block through the final norm (DINOv2's intermediate-layer
+    convention, for a depth study; a correction so fitted at an earlier block is warned about
+    where it is applied). ``block_features`` picks what a block's tokens are (see
     :meth:`~soapvit.backbones.base.Backbone.forward_features`); ``"branch"`` is for the depth
     sweep of the SOAP authors, not for a head to apply.
 

@@ -8,7 +8,7 @@ Sources (``hf:``, ``timm:``, ``zoo:``, the native ViT) only implement :meth:`Bac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +19,11 @@ from ..errors import SoapvitError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BLOCK_FEATURES = ("residual", "branch")
+# ``norm="last"``: the final norm on the last block only, i.e. each block's tokens as a correction
+# there edits them (the head rule: the model's output at the last block, the residual stream inside
+# the forward pass at an earlier one). What a fit gathers, so a correction is fitted on what it edits.
+EDITED_TOKENS = "last"
+NORMS = (True, False, EDITED_TOKENS)
 # the norm in front of a pre-norm block's MLP, by family (timm, native and DINOv2 / CLIP / ViT, BEiT)
 MLP_NORM_NAMES = ("norm2", "layer_norm2", "layernorm_after")
 
@@ -86,11 +91,11 @@ class Backbone(nn.Module):
 
     # -- to implement -------------------------------------------------------------------------
     def _run(
-        self, pixels: Tensor, blocks: Sequence[int], norm: bool, keys: bool, attentions: Sequence[int],
+        self, pixels: Tensor, blocks: Sequence[int], norm: Container[int], keys: bool, attentions: Sequence[int],
         edits: Mapping[int, Edit],
     ) -> RawOutput:
         """One forward pass; ``edits[b]`` replaces block ``b``'s output before later blocks (and
-        before it is returned)."""
+        before it is returned); the blocks in ``norm`` are returned with the final norm applied."""
         raise NotImplementedError
 
     # -- public API ---------------------------------------------------------------------------
@@ -126,7 +131,7 @@ class Backbone(nn.Module):
         pixels: Tensor,
         blocks: int | str | Iterable[int] | None = None,
         *,
-        norm: bool = True,
+        norm: bool | str = True,
         keys: bool = False,
         attentions: int | str | Iterable[int] | None = (),
         edits: Mapping[int, Edit] | None = None,
@@ -134,8 +139,9 @@ class Backbone(nn.Module):
     ) -> Features:
         """Encode normalised ``pixels`` ``(B, 3, H, W)`` once and return the requested outputs.
 
-        ``norm`` applies the model's final normalisation to every returned block (as DINOv2's
-        ``get_intermediate_layers`` does); ``keys`` adds the last block's attention keys;
+        ``norm`` applies the model's final normalisation to every returned block (``True``, as
+        DINOv2's ``get_intermediate_layers`` does), to none (``False``), or to the last block only
+        (``"last"``: each block as a correction there edits it, see :data:`EDITED_TOKENS`); ``keys`` adds the last block's attention keys;
         ``attentions`` names the blocks whose attention maps to return; ``edits`` maps a block
         to an :data:`Edit` of its output inside the pass.
 
@@ -163,7 +169,7 @@ class Backbone(nn.Module):
         if block_features == "branch":
             raw = self._run_branches(pixels, block_ids, keys, attn_ids, edits)
         else:
-            raw = self._run(pixels, block_ids, norm, keys, attn_ids, edits)
+            raw = self._run(pixels, block_ids, self._normalised(block_ids, norm), keys, attn_ids, edits)
         p = self.num_prefix_tokens
         tokens, prefix = {}, {}
         for b in block_ids:
@@ -199,12 +205,19 @@ class Backbone(nn.Module):
                 raise SoapvitError(f"{self.model_id}: block {b} has no MLP norm ({', '.join(MLP_NORM_NAMES)})")
             handles.append(norm.register_forward_pre_hook(lambda _m, args, b=b: mids.__setitem__(b, args[0])))
         try:
-            raw = self._run(pixels, blocks, False, keys, attentions, edits)
+            raw = self._run(pixels, blocks, frozenset(), keys, attentions, edits)
         finally:
             for handle in handles:
                 handle.remove()
         raw.hidden = {b: raw.hidden[b] - mids[b] for b in blocks}
         return raw
+
+    def _normalised(self, blocks: Sequence[int], norm: bool | str) -> frozenset[int]:
+        if norm not in NORMS:
+            raise SoapvitError(f"norm must be True, False or 'last', not {norm!r}")
+        if norm == "last":
+            return frozenset(blocks) & {self.num_blocks - 1}
+        return frozenset(blocks) if norm else frozenset()
 
     def forward(self, pixels: Tensor) -> Tensor:
         """Final-norm patch tokens of the last block, ``(B, h, w, D)``."""

@@ -23,7 +23,7 @@ import os
 import json
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from pathlib import Path
 
 import torch
@@ -178,7 +178,7 @@ class HFBackbone(Backbone):
             raise SoapvitError(f"{self.model_id}: blocks share one MLP activation module (not hookable per block)")
         return acts
 
-    def _run(self, pixels: Tensor, blocks, norm: bool, keys: bool, attentions, edits) -> RawOutput:
+    def _run(self, pixels: Tensor, blocks, norm: Container[int], keys: bool, attentions, edits) -> RawOutput:
         captured: dict[int, Tensor] = {}
         key_out: list[Tensor] = []
         # edit hooks first: forward hooks run in registration order, so the capture sees the edit
@@ -201,7 +201,7 @@ class HFBackbone(Backbone):
             for handle in handles:
                 handle.remove()
             self._set_attention(previous)
-        hidden = {b: self.final_norm(captured[b]) if norm else captured[b] for b in blocks}
+        hidden = {b: self.final_norm(captured[b]) if b in norm else captured[b] for b in blocks}
         attn = {b: out.attentions[b] for b in attentions}
         return RawOutput(hidden=hidden, keys=key_out[0] if keys else None, attentions=attn)
 

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 
 import torch
@@ -232,7 +232,7 @@ class TimmBackbone(Backbone):
                                "attention module with num_heads: keys and attention maps are not available")
         return attn
 
-    def _run(self, pixels: Tensor, blocks, norm: bool, keys: bool, attentions, edits) -> RawOutput:
+    def _run(self, pixels: Tensor, blocks, norm: Container[int], keys: bool, attentions, edits) -> RawOutput:
         captured: dict[int, Tensor] = {}
         inputs: dict[int, _AttentionInput] = {}
         last = self.num_blocks - 1
@@ -250,7 +250,7 @@ class TimmBackbone(Backbone):
         finally:
             for h in handles:
                 h.remove()
-        hidden = {b: self.model.norm(captured[b]) if norm else captured[b] for b in blocks}
+        hidden = {b: self.model.norm(captured[b]) if b in norm else captured[b] for b in blocks}
         key_out = None
         attn = {}
         for b in attn_blocks:

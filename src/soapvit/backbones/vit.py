@@ -221,7 +221,7 @@ class VisionTransformerBackbone(Backbone):
             if keys and i == final:
                 key_seq = block_keys
             if i in wanted:
-                hidden[i] = vit.norm(x) if norm else x
+                hidden[i] = vit.norm(x) if i in norm else x
         return RawOutput(hidden=hidden, keys=key_seq, attentions=maps)
 
     # -- files --------------------------------------------------------------------------------

@@ -110,12 +110,16 @@ def _open_splits(train, val, dataset, root, train_split, val_split, layout, igno
         from ..data.datasets import DEFAULT_SPLITS, open_segmentation
 
         splits = DEFAULT_SPLITS.get(dataset, ("train", "val"))
-        return (open_segmentation(dataset, root, train_split or splits[0], ignore_index=ignore_index, what="--train"),
-                open_segmentation(dataset, root, val_split or splits[1], ignore_index=ignore_index, what="--val"))
-    if train is None or val is None:
+        opened = (open_segmentation(dataset, root, train_split or splits[0], ignore_index=ignore_index, what="--train"),
+                  open_segmentation(dataset, root, val_split or splits[1], ignore_index=ignore_index, what="--val"))
+    elif train is None or val is None:
         raise DataFolderError("--train and --val: pass both splits, or --dataset NAME --root DIR")
-    return (SegmentationSplit.open(train, layout=layout, ignore_index=ignore_index, what="--train"),
-            SegmentationSplit.open(val, layout=layout, ignore_index=ignore_index, what="--val"))
+    else:
+        opened = (SegmentationSplit.open(train, layout=layout, ignore_index=ignore_index, what="--train"),
+                  SegmentationSplit.open(val, layout=layout, ignore_index=ignore_index, what="--val"))
+    split = opened[1]
+    say(f"layout {split.layout}: {split.num_classes} classes, label {split.ignore_index} ignored")
+    return opened
 
 
 @eval_app.command("knnseg")

@@ -29,13 +29,14 @@ def parse_mu(value: str) -> float | None:
 
 def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, blocks="all", apply_block=-1,
             image_size=None, batch_size=32, device=None, seed=0, variant="reference", weighting=None,
-            mu="2", tau=0.05, remove="", generator="mixture", cache_gb=8.0, block_features="residual", threads=None,
-            checkpoint=None, checkpoint_every=100, methods="soap", calibration_images=256, precision="bf16"):
+            mu="2", tau=0.05, remove="", generator="mixture", cache_gb=8.0, block_features="residual",
+            final_norm="last", threads=None, checkpoint=None, checkpoint_every=100, methods="soap", calibration_images=256, precision="bf16"):
     """Check every argument, then load, fit, save; returns ``(backbone, corrections, report)``.
 
     ``remove`` lists principal components by their 1-based number (``PC3`` → 3), as ``inspect``
     prints them. Under torchrun every rank fits its share; rank 0 writes the head."""
     from .. import distributed
+    from ..backbones.base import EDITED_TOKENS
     from ..data.sources import open_images
     from ..corrections import SoapConfig
     from ..fitting import FIT_CONSTRAINTS, fit, resolve_methods
@@ -43,6 +44,9 @@ def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, 
 
     if threads is not None:
         set_threads(threads)
+    norms = {"last": EDITED_TOKENS, "all": True}  # --final-norm → the fit's norm
+    if final_norm not in norms:
+        raise SoapvitError(f"--final-norm must be last or all, not {final_norm!r}")
     validate({"limit": limit, "synthetic": synthetic, "image_size": image_size, "batch_size": batch_size,
               "cache_gb": cache_gb, "generator": generator, "seed": seed, "block_features": block_features,
               "checkpoint_every": checkpoint_every, "calibration_images": calibration_images,
@@ -69,7 +73,8 @@ def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, 
                                   device=backbone.device, seed=seed, config=config,
                                   methods="all" if methods == "all" else method_names,
                                   calibration_images=calibration_images, cache_gb=cache_gb,
-                                  block_features=block_features, precision=precision, checkpoint=checkpoint,
+                                  block_features=block_features, norm=norms[final_norm], precision=precision,
+                                  checkpoint=checkpoint,
                                   checkpoint_every=checkpoint_every, progress=progress)
     if distributed.is_main():
         corrections.save(out)
@@ -102,6 +107,10 @@ def fit_command(
     block_features: Annotated[str, typer.Option(
         help="residual (each block's output, final norm applied) or branch (the MLP-branch output the SOAP "
              "authors hook for their depth sweep).")] = "residual",
+    final_norm: Annotated[str, typer.Option(
+        help="Blocks whose tokens take the model's final norm: last (each block as a correction there edits it: "
+             "the output at the last block, the residual stream at an earlier one) or all (DINOv2's "
+             "intermediate-layer convention, for depth studies).")] = "last",
     threads: ThreadsOpt = 1,
     checkpoint: Annotated[Path | None, typer.Option(
         help="Folder for resumable state: rerunning the same command continues from it."), FOLDER_OUT] = None,
@@ -120,8 +129,9 @@ def fit_command(
                               apply_block=apply_block, image_size=image_size, batch_size=batch_size,
                               device=device, seed=seed, variant=variant, weighting=weighting, mu=mu, tau=tau,
                               remove=remove, generator=generator, cache_gb=cache_gb, block_features=block_features,
-                              threads=threads, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                                     methods=methods, calibration_images=calibration_images, precision=precision)
+                              final_norm=final_norm, threads=threads, checkpoint=checkpoint,
+                              checkpoint_every=checkpoint_every, methods=methods,
+                              calibration_images=calibration_images, precision=precision)
     print_log(result)
     head = corrections.soap
     say(f"fitted {len(head.blocks)} block(s) on {result.n_real} real + {result.n_synthetic} synthetic "
@@ -173,8 +183,12 @@ def inspect_command(
                   f"{meta.get('n_synthetic')} synthetic images at {meta.get('image_size')} px · applies to block "
                   f"{head.apply_block}"), highlight=False)
     print_findings(head)
+    from ..plots import NULL_DIRECTION, null_components
+
     for b, d in sorted(head.blocks.items()):
-        cells = " ".join(f"PC{c + 1} {s:.2f}" + (f" (w {w:.2f})" if w > 0.005 else "")
+        null = null_components(d)
+        cells = " ".join(f"PC{c + 1} " + (f"– ({NULL_DIRECTION}: no variance, SI undefined)" if c in null else
+                                          f"{s:.2f}" + (f" (w {w:.2f})" if w > 0.005 else ""))
                          for c, (s, w) in enumerate(zip(d.si.tolist(), d.weights.tolist())))
         report.print(f"[bold]block {b}[/] SI and weight w (shown when > 0.005) by component: {escape(cells)}",
                      highlight=False, soft_wrap=True)

@@ -17,6 +17,7 @@ the forward pass, so every later block sees the corrected tokens.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable
 from typing import ClassVar
 
@@ -185,6 +186,11 @@ def check_backbone(metadata: dict, corrections: Iterable[Correction], backbone: 
         if c.block_ >= backbone.num_blocks:
             raise SoapvitError(f"{what} applies to block {c.block_} but {backbone.model_id} has "
                                f"{backbone.num_blocks} blocks")
+    inside = sorted({c.block_ for c in corrections if not c.edits_forward and not c.maps_output(backbone)})
+    if inside and metadata.get("norm", True) is True:
+        warnings.warn(f"{what} at block {', '.join(map(str, inside))} was fitted on final-norm tokens but edits the "
+                      "residual stream inside the forward pass: refit it (a fit now gathers each block's tokens as "
+                      "the correction there edits them)", stacklevel=2)
     fitted = metadata.get("backbone")
     if allow_other or fitted is None:
         return

@@ -2,8 +2,8 @@
 image), the probe image of DVT (Yang et al., ECCV 2024, "Denoising Vision Transformers") and
 INSID3 (Cuttano et al., CVPR 2026).
 
-``z̃_p = z_p − t_p`` with ``t`` the zero image's patch tokens at the same grid, final norm applied
-(``norm=True``, the fit's default). At another grid the template is one forward of the backbone
+``z̃_p = z_p − t_p`` with ``t`` the zero image's patch tokens at the same grid and block, taken
+as the correction edits them (final norm at the last block, the fit's default). At another grid the template is one forward of the backbone
 given to :meth:`~BlankTemplate.prepare` (cached per grid); with none, the fit's template
 resampled bilinearly.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backbones.base import Backbone
+from ..backbones.base import EDITED_TOKENS, Backbone
 from ..errors import SoapvitError
 from ..features import encode
 from ..stats import FitStatistics
@@ -58,7 +58,7 @@ class BlankTemplate(Correction):
         if grid not in self._templates:
             p = self._backbone.patch_size
             zeros = torch.zeros(1, 3, grid[0] * p, grid[1] * p, device=self._backbone.device)
-            self._templates[grid] = encode(self._backbone, zeros, [self.block_], norm=True).tokens[self.block_][0]
+            self._templates[grid] = encode(self._backbone, zeros, [self.block_], norm=EDITED_TOKENS).tokens[self.block_][0]
         return self._templates[grid]
 
     def transform(self, tokens: Tensor) -> Tensor:

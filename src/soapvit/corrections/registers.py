@@ -80,7 +80,7 @@ class RegisterNeurons(Correction):
         try:
             with torch.no_grad():
                 for pixels in batches:
-                    raw = backbone._run(pixels, sorted({outlier, highest}), False, False, [], {})
+                    raw = backbone._run(pixels, sorted({outlier, highest}), frozenset(), False, [], {})
                     norms = raw.hidden[outlier][:, p:].float().norm(dim=-1)  # (B, N)
                     threshold = mad_threshold(norms) if threshold is None else threshold
                     mask = (norms > threshold).float()
