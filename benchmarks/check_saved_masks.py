@@ -6,12 +6,15 @@ of soapvit (numpy and PIL only), and compare with the JSON that ``soapvit eval t
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from _record import Record
 
 
 def recompute(pred_dir: Path, gt_dir: Path) -> dict:
@@ -39,7 +42,13 @@ def recompute(pred_dir: Path, gt_dir: Path) -> dict:
 
 
 def main() -> None:
-    result, masks, gt = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("result", type=Path, help="the JSON file soapvit eval tokencut wrote")
+    parser.add_argument("masks", type=Path, help="its saved mask PNGs (a soap/ subfolder for the SOAP variant)")
+    parser.add_argument("gt", type=Path, help="the ground-truth masks")
+    record = Record(__file__, parser)
+    args = record.parse()
+    result, masks, gt = args.result, args.masks, args.gt
     payload = json.loads(result.read_text())
     pairs = [("original", payload, masks)] + ([("soap", payload["soap"], masks / "soap")] if "soap" in payload else [])
     worst = 0.0
@@ -47,7 +56,11 @@ def main() -> None:
         again = recompute(folder, gt)
         diffs = {k: abs(again[k] - reported[k]) for k in again}
         worst = max(worst, *diffs.values())
-        print(name, {k: round(v, 4) for k, v in again.items()}, "max |difference| to JSON:", f"{max(diffs.values()):.2e}")
+        record.print(f"{name} {({k: round(v, 4) for k, v in again.items()})} max |difference| to JSON: "
+                     f"{max(diffs.values()):.2e}")
+        record.results[name] = {"recomputed": again, "max_abs_difference": max(diffs.values())}
+    record.results["max_abs_difference"] = worst
+    record.write()
     sys.exit(0 if worst < 1e-6 else 1)
 
 

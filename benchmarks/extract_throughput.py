@@ -24,6 +24,8 @@ from soapvit.extract import extract
 from soapvit.features import iter_tokens
 from soapvit.fitting import fit
 
+from _record import Record
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +36,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp16")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    record = Record(__file__, parser)
+    args = record.parse()
     torch.set_num_threads(args.threads)
 
     backbone = load(args.model, device="cpu")
@@ -62,11 +65,18 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     n = len(source)
     best = {k: min(v) for k, v in times.items()}
-    print(f"{args.model} · {n} images · batch {args.batch_size} · variants original+{'+'.join(corrections)} · "
-          f"{args.dtype} · {args.threads} thread(s) · torch {torch.__version__} · {platform.processor() or platform.machine()}")
-    print(f"forward only   {n / best['forward']:7.2f} images/s  ({best['forward']:.2f} s)")
-    print(f"extract        {n / best['extract']:7.2f} images/s  ({best['extract']:.2f} s)")
-    print(f"ratio extract / forward: {best['forward'] / best['extract']:.3f}")
+    record.print(f"{args.model} · {n} images · batch {args.batch_size} · "
+                 f"variants original+{'+'.join(corrections)} · "
+                 f"{args.dtype} · {args.threads} thread(s) · torch {torch.__version__} · "
+                 f"{platform.processor() or platform.machine()}")
+    record.print(f"forward only   {n / best['forward']:7.2f} images/s  ({best['forward']:.2f} s)")
+    record.print(f"extract        {n / best['extract']:7.2f} images/s  ({best['extract']:.2f} s)")
+    record.print(f"ratio extract / forward: {best['forward'] / best['extract']:.3f}")
+    record.results = {"n_images": n, "variants": ["original", *corrections],
+                      "forward_images_per_s": n / best["forward"], "extract_images_per_s": n / best["extract"],
+                      "forward_s": best["forward"], "extract_s": best["extract"],
+                      "ratio": best["forward"] / best["extract"], "runs_s": times}
+    record.write()
 
 
 if __name__ == "__main__":

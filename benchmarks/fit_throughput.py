@@ -25,6 +25,8 @@ from soapvit.data.transforms import ImageTransform
 from soapvit.features import encode, iter_tokens, resolve_device
 from soapvit.fitting import fit
 
+from _record import Record
+
 
 def forward_only(backbone, files, synthetic, transform, batch_size, device) -> None:
     """Decode and encode this process's share of the images, last block only, nothing accumulated."""
@@ -54,7 +56,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    record = Record(__file__, parser)
+    args = record.parse()
 
     torch.set_num_threads(args.threads)
     device = distributed.setup(resolve_device(args.device))
@@ -78,11 +81,17 @@ def main() -> None:
     fit_ips = max(r[1] for r in rows)
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"{platform.processor() or 'cpu'} ({args.threads} thread(s) per process)")
-    print(f"model {args.model} · {len(files)} real + {synthetic.count} synthetic images · batch {args.batch_size} · "
-          f"{distributed.world_size()} process(es) · {name}")
-    print(f"forward only (last block): {forward_ips:8.2f} images/s")
-    print(f"fit (all {backbone.num_blocks} blocks)  : {fit_ips:8.2f} images/s")
-    print(f"ratio fit / forward       : {fit_ips / forward_ips:8.3f}")
+    record.print(f"model {args.model} · {len(files)} real + {synthetic.count} synthetic images · "
+                 f"batch {args.batch_size} · "
+                 f"{distributed.world_size()} process(es) · {name}")
+    record.print(f"forward only (last block): {forward_ips:8.2f} images/s")
+    record.print(f"fit (all {backbone.num_blocks} blocks)  : {fit_ips:8.2f} images/s")
+    record.print(f"ratio fit / forward       : {fit_ips / forward_ips:8.3f}")
+    record.results = {"n_real": len(files), "n_synthetic": synthetic.count, "blocks": backbone.num_blocks,
+                      "processes": distributed.world_size(), "forward_images_per_s": forward_ips,
+                      "fit_images_per_s": fit_ips, "ratio": fit_ips / forward_ips,
+                      "repeats": [{"forward_images_per_s": f, "fit_images_per_s": t} for f, t in rows]}
+    record.write()
 
 
 if __name__ == "__main__":

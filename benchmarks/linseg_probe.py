@@ -23,6 +23,8 @@ from soapvit.backbones import load
 from soapvit.data.segmentation import SegmentationSplit
 from soapvit.eval.linear_seg import LinearSegConfig, evaluate_linear_seg
 
+from _record import Record
+
 
 def subset(split: SegmentationSplit, limit: int | None) -> SegmentationSplit:
     return split if limit is None else dataclasses.replace(split, samples=split.samples[:limit])
@@ -39,15 +41,16 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None, help="square side (default: the model's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    record = Record(__file__, parser)
+    args = record.parse()
     torch.set_num_threads(args.threads)
     backbone = load(args.model, device=args.device)
     train = subset(SegmentationSplit.open(f"{args.root}/train"), args.train_limit)
     val = subset(SegmentationSplit.open(f"{args.root}/test", what="--val"), args.val_limit)
     config = LinearSegConfig(iterations=args.iterations, batch_size=args.batch_size, image_size=args.image_size)
-    print(f"# {args.model} on {args.root}: {len(train)} train, {len(val)} test images; "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, device {args.device}")
+    record.print(f"# {args.model} on {args.root}: {len(train)} train, {len(val)} test images; "
+                 f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+                 f"torch {torch.__version__}, device {args.device}")
     tracemalloc.start()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -61,15 +64,27 @@ def main() -> None:
     grid = side // backbone.patch_size
     cache_mb = report.n_train * grid * grid * backbone.embed_dim * 2 / 2**20
     n_val = report.settings["n_val"]
-    print(f"input {side}x{side} ({grid}x{grid} patches), {config.iterations} iterations of {config.batch_size} images")
-    print(f"mIoU {r['miou']:.2f}, pixel acc {r['acc']:.2f}; loss {r['first_loss']:.3f} -> {r['final_loss']:.3f}")
-    print(f"wall {wall:.1f} s: features {s['features']:.1f} s ({report.n_train / s['features']:.1f} train images/s), "
-          f"training {s['train']:.1f} s ({config.iterations / s['train']:.1f} iterations/s), "
-          f"evaluation {s['eval']:.1f} s ({n_val / s['eval']:.2f} images/s, "
-          f"{n_val * grid * grid / s['eval']:.0f} query patches/s)")
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record.print(f"input {side}x{side} ({grid}x{grid} patches), {config.iterations} iterations of "
+                 f"{config.batch_size} images")
+    record.print(f"mIoU {r['miou']:.2f}, pixel acc {r['acc']:.2f}; loss {r['first_loss']:.3f} -> {r['final_loss']:.3f}")
+    record.print(f"wall {wall:.1f} s: features {s['features']:.1f} s "
+                 f"({report.n_train / s['features']:.1f} train images/s), "
+                 f"training {s['train']:.1f} s ({config.iterations / s['train']:.1f} iterations/s), "
+                 f"evaluation {s['eval']:.1f} s ({n_val / s['eval']:.2f} images/s, "
+                 f"{n_val * grid * grid / s['eval']:.0f} query patches/s)")
     cuda = f", CUDA peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MB" if torch.cuda.is_available() else ""
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB, tracemalloc peak "
-          f"{traced / 2**20:.1f} MB, float16 feature cache {cache_mb:.1f} MB per variant{cuda}")
+    record.print(f"peak RSS {peak_rss:.0f} MB, tracemalloc peak "
+                 f"{traced / 2**20:.1f} MB, float16 feature cache {cache_mb:.1f} MB per variant{cuda}")
+    record.results = {
+        "miou": r["miou"], "acc": r["acc"], "first_loss": r["first_loss"], "final_loss": r["final_loss"],
+        "input": side, "grid": grid, "iterations": config.iterations, "batch_size": config.batch_size,
+        "n_train": report.n_train, "n_val": n_val, "wall_s": wall, "seconds": dict(s),
+        "train_images_per_s": report.n_train / s["features"], "iterations_per_s": config.iterations / s["train"],
+        "val_images_per_s": n_val / s["eval"], "query_patches_per_s": n_val * grid * grid / s["eval"],
+        "peak_rss_mb": peak_rss, "tracemalloc_peak_mb": traced / 2**20, "feature_cache_mb": cache_mb,
+        **({"cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {})}
+    record.write()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from soapvit.corrections import attach
 from soapvit.export import export_onnx, onnx_session
 from soapvit.fitting import fit
 
+from _record import Record
+
 
 def median_seconds(job, runs: int) -> float:
     job()  # warm-up
@@ -37,7 +39,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=10)
-    args = parser.parse_args()
+    record = Record(__file__, parser)
+    args = record.parse()
     torch.set_num_threads(args.threads)
 
     backbone = load(args.model, device="cpu")
@@ -48,15 +51,20 @@ def main() -> None:
         path = Path(folder) / "model.onnx"
         report = export_onnx(backbone, path, correction=head, correction_name="soap")
         session = onnx_session(path, threads=args.threads)
-        print(f"{args.model} + soap head · {args.threads} thread(s) · torch {torch.__version__} · "
-              f"max abs difference {max(report.differences.values()):.2g} ({', '.join(report.differences)})")
+        record.print(f"{args.model} + soap head · {args.threads} thread(s) · torch {torch.__version__} · "
+                     f"max abs difference {max(report.differences.values()):.2g} ({', '.join(report.differences)})")
+        record.results = {"max_abs_difference": max(report.differences.values()),
+                          "differences": dict(report.differences), "batches": []}
         for batch in args.batch_size:
             x = torch.randn(batch, 3, backbone.image_size, backbone.image_size)
             with torch.no_grad():
                 t_torch = median_seconds(lambda: corrected(x), args.runs)
             t_onnx = median_seconds(lambda: session.run(None, {"pixels": x.numpy()}), args.runs)
-            print(f"batch {batch:3d}: torch {1000 * t_torch:8.1f} ms · onnxruntime {1000 * t_onnx:8.1f} ms · "
-                  f"speed-up {t_torch / t_onnx:.2f}×")
+            record.print(f"batch {batch:3d}: torch {1000 * t_torch:8.1f} ms · onnxruntime {1000 * t_onnx:8.1f} ms · "
+                         f"speed-up {t_torch / t_onnx:.2f}×")
+            record.results["batches"].append({"batch": batch, "torch_ms": 1000 * t_torch, "onnx_ms": 1000 * t_onnx,
+                                              "speedup": t_torch / t_onnx})
+    record.write()
 
 
 if __name__ == "__main__":

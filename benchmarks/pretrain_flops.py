@@ -21,6 +21,8 @@ from soapvit.backbones.vit import ViTConfig, VisionTransformerBackbone
 from soapvit.pretrain.masking import random_mask
 from soapvit.pretrain.mim import SemanticMIM, SimMIM
 
+from _record import Record
+
 
 def paper_costs(d: int, l0: int, l1: int, l2: int, vanilla_tokens: int) -> tuple[float, float, float]:
     """Appendix C, multiply-accumulates per block (B=1): vanilla MIM over ``vanilla_tokens``;
@@ -78,38 +80,49 @@ def step_times(cfg: ViTConfig, batch: int, steps: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spin-waits on a shared CPU)")
-    args = parser.parse_args()
+    record = Record(__file__, parser)
+    args = record.parse()
     torch.set_num_threads(args.threads)
 
     vanilla, printed, complete = paper_costs(768, 78, 8, 118, vanilla_tokens=197)
-    print(f"paper formula, ViT-B/16 224 (D=768, L0=78, L1=8, L2=118; vanilla 196 patches + CLS), per block: "
-          f"SemanticMIM/vanilla {printed / vanilla:.4f} ({(printed / vanilla - 1) * 100:+.1f}%) as printed, "
-          f"{complete / vanilla:.4f} ({(complete / vanilla - 1) * 100:+.1f}%) with the omitted projections")
+    record.print(f"paper formula, ViT-B/16 224 (D=768, L0=78, L1=8, L2=118; vanilla 196 patches + CLS), per block: "
+                 f"SemanticMIM/vanilla {printed / vanilla:.4f} ({(printed / vanilla - 1) * 100:+.1f}%) as printed, "
+                 f"{complete / vanilla:.4f} ({(complete / vanilla - 1) * 100:+.1f}%) with the omitted projections")
     inf_v, inf_s = 12 * 197 * 768**2 + 2 * 197**2 * 768, 12 * 204 * 768**2 + 2 * 204**2 * 768
-    print(f"paper formula, inference (196+1 vs 196+8 tokens): {(inf_s / inf_v - 1) * 100:+.1f}%")
+    record.print(f"paper formula, inference (196+1 vs 196+8 tokens): {(inf_s / inf_v - 1) * 100:+.1f}%")
+    record.results["paper_formula"] = {"as_printed": printed / vanilla, "completed": complete / vanilla,
+                                       "inference": inf_s / inf_v}
 
-    for name, cfg, batch in (
-        ("ViT-B/16 224", ViTConfig(224, 16, 768, 12, 12), 1),
-        ("zoo ViT 64px/8 (D=64, depth 6)", ViTConfig(64, 8, 64, 6, 4), 8),
+    for key, name, cfg, batch in (
+        ("vit_b16", "ViT-B/16 224", ViTConfig(224, 16, 768, 12, 12), 1),
+        ("zoo", "zoo ViT 64px/8 (D=64, depth 6)", ViTConfig(64, 8, 64, 6, 4), 8),
     ):
         torch.manual_seed(0)
         baseline, semantic_model = models(cfg)
         fb, fs = train_flops(baseline, cfg, batch), train_flops(semantic_model, cfg, batch)
         ib, is_ = inference_flops(baseline, cfg), inference_flops(semantic_model, cfg)
-        print(f"{name}: counted training FLOPs (fwd+bwd, incl. heads) per image: SimMIM-style {fb / batch / 1e9:.3f} G, "
-              f"SemanticMIM {fs / batch / 1e9:.3f} G, ratio {fs / fb:.4f} ({(fs / fb - 1) * 100:+.1f}%); "
-              f"inference encoder {ib / 1e9:.3f} G vs {is_ / 1e9:.3f} G ({(is_ / ib - 1) * 100:+.1f}%)")
+        record.print(f"{name}: counted training FLOPs (fwd+bwd, incl. heads) per image: SimMIM-style "
+                     f"{fb / batch / 1e9:.3f} G, SemanticMIM {fs / batch / 1e9:.3f} G, ratio {fs / fb:.4f} "
+                     f"({(fs / fb - 1) * 100:+.1f}%); inference encoder {ib / 1e9:.3f} G vs {is_ / 1e9:.3f} G "
+                     f"({(is_ / ib - 1) * 100:+.1f}%)")
+        record.results[key] = {"name": name, "train_gflops": {"SimMIM-style": fb / batch / 1e9,
+                                                              "SemanticMIM": fs / batch / 1e9},
+                               "train_ratio": fs / fb,
+                               "inference_gflops": {"SimMIM-style": ib / 1e9, "SemanticMIM": is_ / 1e9},
+                               "inference_ratio": is_ / ib}
 
     cfg = ViTConfig(64, 8, 64, 6, 4)
     times = step_times(cfg, args.batch_size, args.steps)
     base, sem = times["SimMIM-style"], times["SemanticMIM"]
-    print(f"zoo ViT, batch {args.batch_size}, median of {args.steps} interleaved steps on "
-          f"{torch.get_num_threads()} CPU threads: SimMIM-style {base:.3f} s, SemanticMIM {sem:.3f} s, "
-          f"ratio {sem / base:.3f}")
+    record.print(f"zoo ViT, batch {args.batch_size}, median of {args.steps} interleaved steps on "
+                 f"{torch.get_num_threads()} CPU threads: SimMIM-style {base:.3f} s, SemanticMIM {sem:.3f} s, "
+                 f"ratio {sem / base:.3f}")
+    record.results["zoo_step_s"] = {"SimMIM-style": base, "SemanticMIM": sem, "ratio": sem / base}
+    record.write()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from soapvit.aggregate import ProbeConfig, run_probe
 from soapvit.data.labelled import load_labelled
 from soapvit.backbones import load
 
+from _record import Record
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,7 +30,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=90)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    record = Record(__file__, parser)
+    args = record.parse()
     torch.set_num_threads(args.threads)
     train = load_labelled(args.data, "train", per_class=args.per_class)
     val = load_labelled(args.data, "val", per_class=args.val_per_class)
@@ -42,16 +45,23 @@ def main() -> None:
             run = run_probe(backbone, train, val, pools=pools, image_size=args.image_size, config=config,
                             cache_dir=cache_dir, batch_size=args.batch_size)
             rows.append((label, time.perf_counter() - t0, run))
-    print(f"{args.model} at {rows[0][2].image_size} px, {len(train)} train + {len(val)} val images, "
-          f"pools {args.pools}, {args.epochs} epochs, torch threads {args.threads}")
-    print(f"{'run':<26}{'total s':>10}{'encode s':>10}{'train s':>10}{'parts reused':>14}  top-1 per pool")
+    record.print(f"{args.model} at {rows[0][2].image_size} px, {len(train)} train + {len(val)} val images, "
+                 f"pools {args.pools}, {args.epochs} epochs, torch threads {args.threads}")
+    record.print(f"{'run':<26}{'total s':>10}{'encode s':>10}{'train s':>10}{'parts reused':>14}  top-1 per pool")
+    record.results = {"image_size": rows[0][2].image_size, "n_train": len(train), "n_val": len(val), "runs": []}
     for label, seconds, run in rows:
         train_s = sum(r.seconds for r in run.rows())
         accs = " ".join(f"{r.pool}={100 * r.top1:.1f}" for r in run.rows())
-        print(f"{label:<26}{seconds:>10.1f}{run.seconds['encode']:>10.1f}{train_s:>10.1f}"
-              f"{run.settings['cache_parts_reused']:>8}/{run.settings['cache_parts']:<5}  {accs}")
+        record.print(f"{label:<26}{seconds:>10.1f}{run.seconds['encode']:>10.1f}{train_s:>10.1f}"
+                     f"{run.settings['cache_parts_reused']:>8}/{run.settings['cache_parts']:<5}  {accs}")
+        record.results["runs"].append({"label": label, "total_s": seconds, "encode_s": run.seconds["encode"],
+                                       "train_s": train_s, "cache_parts_reused": run.settings["cache_parts_reused"],
+                                       "cache_parts": run.settings["cache_parts"],
+                                       "top1": {r.pool: 100 * r.top1 for r in run.rows()}})
     same = [r.top1 for r in rows[0][2].rows()] == [r.top1 for r in rows[1][2].rows()]
-    print(f"speed-up of the second run: {rows[0][1] / rows[1][1]:.1f}x (identical accuracies: {same})")
+    record.print(f"speed-up of the second run: {rows[0][1] / rows[1][1]:.1f}x (identical accuracies: {same})")
+    record.results |= {"speedup": rows[0][1] / rows[1][1], "identical_accuracies": same}
+    record.write()
 
 
 if __name__ == "__main__":

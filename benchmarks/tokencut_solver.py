@@ -21,6 +21,8 @@ import torch
 
 from soapvit.eval.tokencut import tokencut_mask_scipy, tokencut_masks, upsample_nearest
 
+from _record import Record
+
 
 def real_features(args) -> list[tuple[torch.Tensor, tuple[int, int]]]:
     """(features (h, w, D), original (H, W)) per image, from one forward pass each."""
@@ -93,13 +95,14 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=200, help="images when no --model")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    record = Record(__file__, parser)
+    args = record.parse()
     torch.set_num_threads(args.threads)
     tau = args.tau if args.tau is not None else (0.3 if args.features == "tokens" else 0.2)
     items = real_features(args) if args.model else synthetic_features(args.synthetic)
     source = f"{args.model} {args.features} on {args.images}" if args.model else "synthetic 21x29x384"
-    print(f"# {len(items)} images, {source}, tau={tau}; {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    record.print(f"# {len(items)} images, {source}, tau={tau}; {platform.processor() or platform.machine()}, "
+                 f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
     start = time.perf_counter()
     reference = [tokencut_mask_scipy(f.numpy(), tau) for f, _ in items]
@@ -112,9 +115,15 @@ def main() -> None:
                 batched(items[: args.batch_size], tau, method, device, args.batch_size)
             seconds, masks = batched(items, tau, method, device, args.batch_size)
             rows.append((f"torch batched {method}", device.type, seconds, pixel_agreement(items, masks, reference)))
-    print(f"{'solver':36s} {'device':6s} {'images/s':>9s} {'× scipy':>8s} {'pixels = scipy':>15s}")
+    record.print(f"{'solver':36s} {'device':6s} {'images/s':>9s} {'× scipy':>8s} {'pixels = scipy':>15s}")
+    pixels = sum(size[0] * size[1] for _, size in items)
+    record.results = {"n_images": len(items), "source": source, "tau": tau, "pixels": pixels, "rows": []}
     for name, dev, seconds, agree in rows:
-        print(f"{name:36s} {dev:6s} {len(items) / seconds:9.1f} {t_ref / seconds:8.2f} {100 * agree:14.3f}%")
+        record.print(f"{name:36s} {dev:6s} {len(items) / seconds:9.1f} {t_ref / seconds:8.2f} {100 * agree:14.3f}%")
+        record.results["rows"].append({"solver": name, "device": dev, "seconds": seconds,
+                                       "images_per_s": len(items) / seconds, "ratio": t_ref / seconds,
+                                       "pixels_equal_percent": 100 * agree})
+    record.write()
 
 
 if __name__ == "__main__":

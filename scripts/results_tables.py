@@ -2,7 +2,9 @@
 
 Each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in RESULTS.md and is
 rebuilt from ``results/*.json`` (``soapvit inspect --json`` for fits, ``soapvit eval … --out``
-for evaluations). ``--check`` exits with status 1 when the committed text differs.
+for evaluations). ``--check`` exits with status 1 when the committed text differs. The same run
+rebuilds BENCHMARKS.md, fills the quoted values of both files and checks every measured number
+in their prose (``scripts/benchmark_tables.py``).
 
     python scripts/results_tables.py            # rewrite RESULTS.md
     python scripts/results_tables.py --check    # verify it is up to date
@@ -18,6 +20,8 @@ from pathlib import Path
 
 from soapvit.corrections.soap import SI_THRESHOLD
 from soapvit.pretrain import MIM_OBJECTIVES
+
+import benchmark_tables  # BENCHMARKS.md's tables; value markers and the prose check of both files
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
@@ -184,23 +188,28 @@ def render(text: str) -> str:
     def replace(match: re.Match) -> str:
         return f"{match.group(1)}\n{TABLES[match.group(2)]()}\n{match.group(3)}"
 
-    return re.sub(r"(<!-- table:([\w-]+) -->)\n(?:[^<]*?\n)?(<!-- /table -->)", replace, text)
+    return benchmark_tables.fill_values(re.sub(r"(<!-- table:([\w-]+) -->)\n(?:[^<]*?\n)?(<!-- /table -->)", replace, text))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="Fail if RESULTS.md is not what the JSON gives.")
     args = parser.parse_args()
+    sourced = benchmark_tables.main(check=args.check)  # BENCHMARKS.md; every prose number of both files
     path = ROOT / "RESULTS.md"
     current = path.read_text()
     updated = render(current)
     if args.check:
         if updated != current:
             sys.exit("RESULTS.md differs from the tables the JSON files give: run scripts/results_tables.py")
+        if not sourced:
+            sys.exit(1)
         print("RESULTS.md tables are up to date")
         return
     path.write_text(updated)
     print(f"wrote {path.relative_to(ROOT)}")
+    if not sourced:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
