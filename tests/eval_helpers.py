@@ -61,3 +61,20 @@ def saliency_folder(root: Path, n: int = 7, seed: int = 0) -> Path:
     (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "masks" / "broken.png")
     return root
+
+
+def noise_images(folder: Path, count: int, size: int = 16, seed: int = 0) -> Path:
+    """``count`` uniform-noise RGB PNGs ``0.png …`` of ``size`` px in ``folder``."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def toy_fit(images: Path, batch_size: int = 5):
+    """The corrections of a SOAP fit of the toy backbone on ``images`` (4 synthetic images, every block)."""
+    from conftest import ToyBackbone
+
+    from soapvit.fitting import fit
+
+    return fit(ToyBackbone(), images, synthetic=4, batch_size=batch_size, device="cpu", blocks="all")[0]

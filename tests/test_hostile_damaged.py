@@ -5,11 +5,10 @@ shapes, values in range, counts that match their digest) with a one-line reason 
 import json
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from conftest import ToyBackbone
-from PIL import Image
+from eval_helpers import noise_images, toy_fit
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -18,19 +17,12 @@ from soapvit.errors import SoapvitError
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+    return noise_images(tmp_path_factory.mktemp("imgs"), 6)
 
 
 @pytest.fixture(scope="module")
 def head_file(images, tmp_path_factory):
-    from soapvit.fitting import fit
-
-    corrections, _ = fit(ToyBackbone(), images, synthetic=4, batch_size=3, device="cpu", blocks="all")
-    return corrections.save(tmp_path_factory.mktemp("head") / "head.safetensors")
+    return toy_fit(images, batch_size=3).save(tmp_path_factory.mktemp("head") / "head.safetensors")
 
 
 def read(path):

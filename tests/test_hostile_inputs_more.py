@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ColourBackbone, ToyBackbone
+from conftest import ColourBackbone
+from eval_helpers import noise_images, toy_fit
 from PIL import Image
 
 from soapvit.backbones.registry import register_source
@@ -445,14 +446,8 @@ def test_a_read_only_probe_cache_is_one_line(run_cli, tmp_path, monkeypatch, acc
 
 @pytest.fixture(scope="module")
 def head_and_images(tmp_path_factory):
-    from soapvit.fitting import fit
-
-    folder = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    corrections, _ = fit(ToyBackbone(), folder, synthetic=4, batch_size=3, device="cpu", blocks="all")
-    return corrections.save(tmp_path_factory.mktemp("head") / "head.safetensors"), folder
+    folder = noise_images(tmp_path_factory.mktemp("imgs"), 6)
+    return toy_fit(folder, batch_size=3).save(tmp_path_factory.mktemp("head") / "head.safetensors"), folder
 
 
 def float_tensors(path):

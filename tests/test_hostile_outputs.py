@@ -9,21 +9,15 @@ import signal
 import threading
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 import torch
-from conftest import ToyBackbone, fit_soap
-from PIL import Image
+from eval_helpers import noise_images, toy_fit
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    head = fit_soap(ToyBackbone(), folder, synthetic=4, batch_size=4, device="cpu", blocks="all")[0]
-    return folder, head
+    folder = noise_images(tmp_path_factory.mktemp("imgs"), 4)
+    return folder, toy_fit(folder, batch_size=4).soap
 
 
 def snapshot(folder):

@@ -8,24 +8,18 @@ import numpy as np
 import pytest
 import torch
 from conftest import ToyBackbone
+from eval_helpers import noise_images, toy_fit
 from PIL import Image
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+    return noise_images(tmp_path_factory.mktemp("imgs"), 5)
 
 
 @pytest.fixture(scope="module")
 def head(images, tmp_path_factory):
-    from conftest import fit_soap
-
-    soap = fit_soap(ToyBackbone(), images, synthetic=4, batch_size=5, device="cpu", blocks="all")[0]
-    return soap.save(tmp_path_factory.mktemp("head") / "head.safetensors")
+    return toy_fit(images).soap.save(tmp_path_factory.mktemp("head") / "head.safetensors")
 
 
 COUNT_CASES = [
