@@ -30,6 +30,9 @@ MODELS = {  # file stem → label; MIM family first
     "mae": "zoo MAE (MIM, tiny)",
     "clip": "CLIP B/16 (non-MIM)",
 }
+# fit file suffix → the block tokens it was fitted on: as a correction at that block edits them (the
+# default), every block through the final norm (--final-norm all), the MLP branch (--block-features branch)
+CONVENTIONS = {"residual": "residual", "finalnorm": "final norm", "branch": "branch"}
 # the authors' released code on the same backbone and images (the reference figures this project reproduces): SI of the last
 # block's components ≥ 0.75, by eigenvalue rank counted from 1
 AUTHORS_LAST_BLOCK = {8: 0.854, 6: 0.814, 5: 0.784}
@@ -46,10 +49,10 @@ def si_by_block(fit: dict) -> dict[int, list[float]]:
 
 def depth_table() -> str:
     """Max SI per block (number of components ≥ 0.75), per model and block-feature convention."""
-    columns = [(m, c) for m in MODELS for c in ("residual", "branch") if load(f"fit-{m}-{c}")]
+    columns = [(m, c) for m in MODELS for c in CONVENTIONS if load(f"fit-{m}-{c}")]
     fits = {col: si_by_block(load(f"fit-{col[0]}-{col[1]}")) for col in columns}
     depth = max(len(f) for f in fits.values())
-    head = "| block | " + " | ".join(f"{MODELS[m]}, {c}" for m, c in columns) + " |"
+    head = "| block | " + " | ".join(f"{MODELS[m]}, {CONVENTIONS[c]}" for m, c in columns) + " |"
     rows = [head, "|---" * (len(columns) + 1) + "|"]
     for b in range(depth):
         cells = []
@@ -78,7 +81,16 @@ def with_interval(results: dict, intervals: dict, variant: str, key: str) -> str
     """``value`` for the original, ``value (Δ [low, high])`` for a corrected variant."""
     value = results[variant][key]
     ci = intervals.get(variant, {}).get(key)
-    return f"{value:.2f}" if ci is None else f"{value:.2f} ({ci['delta']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}])"
+    if ci is None:
+        return f"{value:.2f}"
+    delta, low, high = (signed(ci[k]) for k in ("delta", "low", "high"))
+    return f"{value:.2f} ({delta} [{low}, {high}])"
+
+
+def signed(x: float) -> str:
+    """``+1.23``; a value that rounds to zero is ``+0.00`` whatever its sign."""
+    text = f"{x:+.2f}"
+    return "+0.00" if text == "-0.00" else text
 
 
 def variant_runs(kind: str, model: str) -> list[dict]:
@@ -128,6 +140,29 @@ def zero_shot_table() -> str:
     """Every variant of each backbone's corrections file on ECSSD (TokenCut) and CamVid (kNN)."""
     return variant_rows({"tokencut": ("maxFbeta", "iou", "corloc"), "knnseg": ("miou",)},
                         "| model | variant | ECSSD maxFβ | ECSSD IoU | ECSSD CorLoc | CamVid mIoU |")
+
+
+def segmentation_table() -> str:
+    """Every variant on CamVid under the CAPI kNN protocol (with its chosen k and distance) and the
+    linear probe, each with its interval against the original."""
+    rows = ["| model | variant | kNN, CAPI protocol: mIoU | chosen k, distance | linear probe: mIoU | linear probe: pixel acc |",
+            "|---|---|---|---|---|---|"]
+    for model, label in MODELS.items():
+        capi, linseg = load(f"knnseg-capi-{model}"), load(f"linseg-{model}")
+        if capi is None and linseg is None:
+            continue
+        variants = list(dict.fromkeys([*(capi or {}).get("results", {}), *(linseg or {}).get("results", {})]))
+        for variant in variants:
+            cells = []
+            if capi is not None and variant in capi["results"]:
+                r = capi["results"][variant]
+                cells += [with_interval(capi["results"], capi["intervals"], variant, "miou"), f"{r['k']}, {r['distance']}"]
+            else:
+                cells += ["", ""]
+            ok = linseg is not None and variant in linseg["results"]
+            cells += [with_interval(linseg["results"], linseg["intervals"], variant, k) if ok else "" for k in ("miou", "acc")]
+            rows.append(f"| {label} | {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def artifacts_table() -> str:
@@ -181,7 +216,7 @@ def zoo_table() -> str:
 
 
 TABLES = {"depth": depth_table, "last-block": last_block_table, "zero-shot": zero_shot_table,
-          "artifacts": artifacts_table, "sweep": sweep_table, "zoo": zoo_table}
+          "segmentation": segmentation_table, "artifacts": artifacts_table, "sweep": sweep_table, "zoo": zoo_table}
 
 
 def render(text: str) -> str:
