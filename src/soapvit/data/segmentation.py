@@ -24,6 +24,7 @@ one as that image's read error, listed as skipped by the run.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,45 +160,44 @@ def _detect_layout(path: Path, what: str) -> str:
     )
 
 
-def _pair_by_stem(images: Path, labels: Path, what: str):
-    image_files = list_images(images, what=what)
-    by_stem = {p.stem: p for p in list_images(labels, what=f"{what} labels")}
-    samples = [SegmentationSample(p.stem, p, by_stem[p.stem]) for p in image_files if p.stem in by_stem]
-    missing = [p for p in image_files if p.stem not in by_stem]
+def _paired(candidates: Iterable[tuple[str, Path, Path | None]], none_found: str):
+    """``(samples, missing)`` of ``(stem, image, label)`` candidates: an image whose label file is
+    absent is missing; none paired is a :class:`DataFolderError` saying ``none_found``."""
+    samples, missing = [], []
+    for stem, image, label in candidates:
+        if label is not None and label.is_file():
+            samples.append(SegmentationSample(stem, image, label))
+        else:
+            missing.append(image)
     if not samples:
-        raise DataFolderError(f"{what}: no label map in {labels} has the stem of an image in {images}")
+        raise DataFolderError(none_found)
     return samples, missing
+
+
+def _pair_by_stem(images: Path, labels: Path, what: str):
+    by_stem = {p.stem: p for p in list_images(labels, what=f"{what} labels")}
+    return _paired(((p.stem, p, by_stem.get(p.stem)) for p in list_images(images, what=what)),
+                   f"{what}: no label map in {labels} has the stem of an image in {images}")
 
 
 def _cityscapes_samples(split: Path, what: str):
     """``leftImg8bit/<split>/<city>/<id>_leftImg8bit.png`` with ``gtFine/<split>/<city>/<id>_gtFine_labelIds.png``."""
     labels_root = split.parent.parent / "gtFine" / split.name
-    samples, missing = [], []
-    for image in list_images(split, what=what, recursive=True):
-        stem = image.stem.removesuffix("_leftImg8bit")
-        label = labels_root / image.parent.relative_to(split) / f"{stem}_gtFine_labelIds.png"
-        if label.is_file():
-            samples.append(SegmentationSample(stem, image, label))
-        else:
-            missing.append(image)
-    if not samples:
-        raise DataFolderError(f"{what}: no image of {split} has a *_gtFine_labelIds.png in {labels_root}")
-    return samples, missing
+
+    def candidates():
+        for image in list_images(split, what=what, recursive=True):
+            stem = image.stem.removesuffix("_leftImg8bit")
+            yield stem, image, labels_root / image.parent.relative_to(split) / f"{stem}_gtFine_labelIds.png"
+
+    return _paired(candidates(), f"{what}: no image of {split} has a *_gtFine_labelIds.png in {labels_root}")
 
 
 def _voc_samples(split_file: Path, what: str):
     root = split_file.parent.parent.parent
     stems = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
-    samples, missing = [], []
-    for stem in stems:
-        image, label = root / "JPEGImages" / f"{stem}.jpg", root / "SegmentationClass" / f"{stem}.png"
-        if label.is_file():
-            samples.append(SegmentationSample(stem, image, label))
-        else:
-            missing.append(image)
-    if not samples:
-        raise DataFolderError(f"{what}: none of the {len(stems)} ids in {split_file} has a label in {root}/SegmentationClass")
-    return samples, missing
+    return _paired(((stem, root / "JPEGImages" / f"{stem}.jpg", root / "SegmentationClass" / f"{stem}.png")
+                    for stem in stems),
+                   f"{what}: none of the {len(stems)} ids in {split_file} has a label in {root}/SegmentationClass")
 
 
 def _label_values(samples: list[SegmentationSample], what: str) -> np.ndarray:
