@@ -60,6 +60,8 @@ ALLOWED: list[tuple[str, str]] = [
     (r"\b95\s+%\s+interval", "the confidence level of the bootstrap intervals, a setting"),
     (r"\bwithin\s+10\s+%\s+of\s+the\s+view's\s+side", "PCK@0.1's tolerance, the metric's definition"),
     (r"\bon\s+10\s+%\s+of\s+train", "the share of train the CAPI protocol chooses k on, a setting"),
+    (r"\bthe\s+(?:90\s+%\s+of\s+the\s+training\s+images\s+not\s+held\s+out|other\s+10\s+%)",
+     "the CAPI protocol's split of train into standardisation/bank and choice images, a setting"),
     (r"6·1\.4826·MAD", "the high-norm threshold's definition (1.4826·MAD estimates a standard deviation)"),
     (r"\bchance\s+\d+(?:\.\d+)?\s?%?", "chance accuracy is 1 / the number of classes or positions"),
     (r"\b0\.70\s+M\s+parameters,\s+0\.64\s+MB\s+each\s+in\s+fp16", "the zoo ViT's size, fixed by its configuration"),

@@ -184,19 +184,22 @@ def artifacts_table() -> str:
 
 
 def sweep_table() -> str:
-    """The head applied at each swept block: TokenCut maxFβ and kNN mIoU, original vs SOAP."""
-    rows = ["| model | head at block | removed | ECSSD maxFβ original → SOAP | CamVid mIoU original → SOAP |",
-            "|---|---|---|---|---|"]
+    """The head applied at each swept block: TokenCut maxFβ and kNN mIoU, original vs SOAP, for a
+    fit on the tokens the head edits (``sweep-MODEL``) and one through the final norm
+    (``sweep-MODEL-finalnorm``)."""
+    rows = ["| model | fitted on | head at block | removed | ECSSD maxFβ original → SOAP | CamVid mIoU original → SOAP |",
+            "|---|---|---|---|---|---|"]
     for model, label in MODELS.items():
-        sweep = load(f"sweep-{model}")
-        if sweep is None:
-            continue
-        for block, r in sweep["blocks"].items():
-            t, k = r["tokencut"], r["knnseg"]
-            removed = ", ".join(f"PC{c}" for c in r["removed"]) or "none"
-            rows.append(f"| {label} ({sweep['limit']} images each) | {block} | {removed} | "
-                        f"{t['original']['maxFbeta']:.2f} → {t['soap']['maxFbeta']:.2f} | "
-                        f"{k['original']['miou']:.2f} → {k['soap']['miou']:.2f} |")
+        for suffix, convention in (("", "residual"), ("-finalnorm", "final norm")):
+            sweep = load(f"sweep-{model}{suffix}")
+            if sweep is None:
+                continue
+            for block, r in sweep["blocks"].items():
+                t, k = r["tokencut"], r["knnseg"]
+                removed = ", ".join(f"PC{c}" for c in r["removed"]) or "none"
+                rows.append(f"| {label} ({sweep['limit']} images each) | {convention} | {block} | {removed} | "
+                            f"{t['original']['maxFbeta']:.2f} → {t['soap']['maxFbeta']:.2f} | "
+                            f"{k['original']['miou']:.2f} → {k['soap']['miou']:.2f} |")
     return "\n".join(rows)
 
 

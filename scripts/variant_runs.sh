@@ -18,8 +18,8 @@ imgfocus)
     [ -f runs/imgfocus-all.safetensors ] || soapvit fit --model zoo:dinov2-s14-imgfocus --images $IMAGENET \
         --synthetic 1000 --blocks all --methods all --out runs/imgfocus-all.safetensors
     soapvit inspect runs/imgfocus-all.safetensors --json > results/fit-imgfocus-residual.json
-    soapvit fit --model zoo:dinov2-s14-imgfocus --images $IMAGENET --synthetic 1000 --blocks all --final-norm all \
-        --out runs/imgfocus-finalnorm.safetensors
+    soapvit fit --model zoo:dinov2-s14-imgfocus --images $IMAGENET --synthetic 1000 --blocks all --methods all \
+        --final-norm all --out runs/imgfocus-finalnorm.safetensors
     soapvit inspect runs/imgfocus-finalnorm.safetensors --json > results/fit-imgfocus-finalnorm.json
     soapvit eval tokencut --model zoo:dinov2-s14-imgfocus --head runs/imgfocus-all.safetensors --variants $MAPS \
         --images $ECSSD/images --masks $ECSSD/masks --out results/tokencut-imgfocus.json
@@ -67,8 +67,8 @@ clip)
     soapvit fit --model zoo:clip-b16 --images $IMAGENET --limit 300 --synthetic 300 --blocks all --methods $MAPS \
         --out runs/clip-all.safetensors
     soapvit inspect runs/clip-all.safetensors --json > results/fit-clip-residual.json
-    soapvit fit --model zoo:clip-b16 --images $IMAGENET --limit 300 --synthetic 300 --blocks all --final-norm all \
-        --out runs/clip-finalnorm.safetensors
+    soapvit fit --model zoo:clip-b16 --images $IMAGENET --limit 300 --synthetic 300 --blocks all --methods $MAPS \
+        --final-norm all --out runs/clip-finalnorm.safetensors
     soapvit inspect runs/clip-finalnorm.safetensors --json > results/fit-clip-finalnorm.json
     soapvit eval tokencut --model zoo:clip-b16 --head runs/clip-all.safetensors --variants $MAPS \
         --images $ECSSD/images --masks $ECSSD/masks --limit 200 --out results/tokencut-clip.json
