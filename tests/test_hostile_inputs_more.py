@@ -427,6 +427,33 @@ def test_a_read_only_probe_cache_is_one_line(run_cli, tmp_path, monkeypatch, acc
     assert not (tmp_path / "p.json").exists() and list(cache.iterdir()) == []
 
 
+@pytest.mark.parametrize("access", [True, False], ids=["access-says-read-only", "only-writes-fail"])
+def test_a_read_only_probe_cache_that_holds_the_features_is_read_not_written(run_cli, tmp_path, monkeypatch, access):
+    folder = tmp_path / "data" / "train"
+    for c in range(2):
+        (folder / f"c{c}").mkdir(parents=True)
+        for i in range(2):
+            photo(seed=2 * c + i).resize((16, 16)).save(folder / f"c{c}" / f"{i}.png")
+    shutil.copytree(folder, tmp_path / "data" / "val")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SOAPVIT_CACHE", str(cache))
+    args = ["probe", "--model", "zoo:mae", "--train", f"{tmp_path / 'data'}:train", "--val", f"{tmp_path / 'data'}:val",
+            "--pool", "mean", "--epochs", "1"]
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "first.json")])
+    assert code in (0, None), err
+    before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+    assert any(p.name.startswith("part-") for p in before) and any(p.name == "key.json" for p in before)
+    read_only(monkeypatch, cache, access=access)
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "second.json")])
+    assert code in (0, None) and "Traceback" not in err, err
+    second = json.loads((tmp_path / "second.json").read_text())
+    assert second["settings"]["cache_parts_reused"] == second["settings"]["cache_parts"] > 0
+    assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == before
+    first = json.loads((tmp_path / "first.json").read_text())
+    top1 = lambda run: {v: {pool: r["top1"] for pool, r in pools.items()} for v, pools in run["results"].items()}  # noqa: E731
+    assert top1(second) == top1(first)
+
+
 # ---------------------------------------------------------------- 4. NaN in a head given to report --images
 
 @pytest.fixture(scope="module")

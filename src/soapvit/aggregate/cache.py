@@ -88,7 +88,7 @@ def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, 
     inside = {n: c for n, c in corrections.items() if n not in after}
     key = cache_key(backbone, data, image_size=image_size, block=block, norm=norm, views=views, seed=seed,
                     inside=inside)
-    folder = None
+    folder, save = None, False
     if cache_dir is not None:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         folder = Path(cache_dir) / digest
@@ -97,7 +97,7 @@ def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, 
         except OSError as err:
             raise SoapvitError(f"cannot use the feature cache folder {cache_dir}: {err.strerror or err} "
                                "(give another --cache-dir, or --no-cache)") from None
-        write_json(folder / "key.json", key, "probe cache key", sort_keys=True)
+        save = _record_key(folder / "key.json", key)
     source = AugmentedViews(data, views, seed)
     transform = ImageTransform.for_backbone(backbone, size=image_size, mode="square")
     n = len(data)
@@ -126,8 +126,12 @@ def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, 
             ordered = distributed.gather_by_index(rows)
             parts.append({k: torch.stack([row[k] for row in ordered]).contiguous() for k in ordered[0]})
             encode_seconds += time.perf_counter() - t0
-            if path is not None and distributed.is_main():
-                save_safetensors(parts[-1], path, what="probe cache part")
+            if path is not None and save and distributed.is_main():
+                try:
+                    save_safetensors(parts[-1], path, what="probe cache part")
+                except SoapvitError as err:  # a read-only cache: the run goes on, its features unsaved
+                    warnings.warn(f"{err}; the remaining parts are encoded without saving", stacklevel=2)
+                    save = False
         if progress:
             progress(stage, stop, n)
     side = image_size // backbone.patch_size
@@ -139,6 +143,22 @@ def encode_images(backbone: Backbone, data: LabelledImages, *, image_size: int, 
         correction.prepare(backbone)
         caches[name] = corrected(caches["original"], correction)
     return {name: caches[name] for name in ["original", *corrections]}
+
+
+def _record_key(path: Path, key: dict) -> bool:
+    """Write the cache key beside the parts, unless the same key is there already (a read-only cache
+    that holds every part is read, not written); False, with a warning, when it cannot be written."""
+    try:
+        if json.loads(path.read_text()) == json.loads(json.dumps(key, sort_keys=True)):
+            return True
+    except (OSError, ValueError):
+        pass
+    try:
+        write_json(path, key, "probe cache key", sort_keys=True)
+    except SoapvitError as err:
+        warnings.warn(f"{err}: the cache is read, new parts are not saved", stacklevel=3)
+        return False
+    return True
 
 
 def _read_part(path: Path, expected: Mapping[str, int]) -> dict[str, Tensor] | None:

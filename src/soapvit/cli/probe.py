@@ -85,7 +85,7 @@ def probe_command(
         raise SoapvitError(f"--method must be one of linear, knn, not {method!r}")
     check_writable(out)
     cache = None if no_cache else cache_dir or default_cache()
-    if cache is not None:  # a file or a read-only folder (also as $SOAPVIT_CACHE): one line, before any work
+    if cache is not None and not cache.is_dir():  # a file, or a folder that cannot be made: one line, before any work
         check_writable(cache, "--cache-dir" if cache_dir else "the probe cache ($SOAPVIT_CACHE/probe)")
     train_data = load_labelled(train, "train", per_class=per_class, what="--train")
     val_data = load_labelled(val, "val", per_class=val_per_class, what="--val")
