@@ -3,46 +3,22 @@ of each stage, query patches/s of the search, images/s, peak memory.
 
     python benchmarks/knnseg_capi.py --model zoo:mae --root ../shared/data/camvid --train-limit 120 --val-limit 60
 
-Peak memory: the process's maximum resident set (``resource.getrusage``, includes torch's
-tensors) and the peak of Python-level allocations (``tracemalloc``; torch's CPU tensors are not
-traced there). ``--compare-hummingbird`` also times the hummingbird protocol on the same splits.
+Peak memory as ``_segmentation.measured`` takes it. ``--compare-hummingbird`` also times the hummingbird protocol on the same splits.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import platform
-import resource
-import time
-import tracemalloc
 
-import torch
-
-from soapvit.backbones import load
-from soapvit.data.segmentation import SegmentationSplit
 from soapvit.eval.knnseg import KnnConfig, evaluate_knnseg
 
 from _record import Record
-
-
-def subset(split: SegmentationSplit, limit: int | None) -> SegmentationSplit:
-    return split if limit is None else dataclasses.replace(split, samples=split.samples[:limit])
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from _segmentation import measured, open_run
 
 
 def run(backbone, train, val, config, label, record: Record, key: str):
-    tracemalloc.start()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    report = evaluate_knnseg(backbone, train, val, config=config)
-    wall = time.perf_counter() - t0
-    _, traced = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    m = measured(lambda: evaluate_knnseg(backbone, train, val, config=config))
+    report, wall = m.value, m.wall_s
     s = report.seconds
     r = report.results["original"]
     extra = f", k={r['k']}, {r['distance']}" if "k" in r else ""
@@ -52,8 +28,8 @@ def run(backbone, train, val, config, label, record: Record, key: str):
     record.print(f"  wall {wall:.1f} s (train features {s['bank']:.1f} s{choice}"
                  f", search {s['search']:.1f} s); {report.patches_per_second:.0f} query patches/s in the search; "
                  f"{report.settings['n_val'] / wall:.2f} val images/s end to end")
-    cuda = f", CUDA peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MB" if torch.cuda.is_available() else ""
-    record.print(f"  peak RSS {peak_rss_mb():.0f} MB (process so far), tracemalloc peak {traced / 2**20:.1f} MB{cuda}")
+    record.print(f"  peak RSS {m.peak_rss_mb:.0f} MB (process so far), tracemalloc peak "
+                 f"{m.tracemalloc_peak_mb:.1f} MB{m.cuda_text()}")
     record.results[key] = {
         "label": label, "miou": r["miou"], "acc": r["acc"],
         **({"k": r["k"], "distance": r["distance"]} if "k" in r else {}),
@@ -61,9 +37,7 @@ def run(backbone, train, val, config, label, record: Record, key: str):
         "n_val": report.settings["n_val"],
         "image_size": config.image_size or (224 if config.protocol == "capi" else backbone.image_size), "wall_s": wall,
         "seconds": dict(s), "query_patches_per_s": report.patches_per_second,
-        "val_images_per_s": report.settings["n_val"] / wall, "peak_rss_mb": peak_rss_mb(),
-        "tracemalloc_peak_mb": traced / 2**20,
-        **({"cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {})}
+        "val_images_per_s": report.settings["n_val"] / wall, **m.memory()}
     return report
 
 
@@ -80,13 +54,7 @@ def main() -> None:
     parser.add_argument("--compare-hummingbird", action="store_true")
     record = Record(__file__, parser)
     args = record.parse()
-    torch.set_num_threads(args.threads)
-    backbone = load(args.model, device=args.device)
-    train = subset(SegmentationSplit.open(f"{args.root}/train"), args.train_limit)
-    val = subset(SegmentationSplit.open(f"{args.root}/test", what="--val"), args.val_limit)
-    record.print(f"# {args.model} on {args.root}: {len(train)} train, {len(val)} test images; "
-                 f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-                 f"torch {torch.__version__}, device {args.device}")
+    backbone, train, val = open_run(args, record)
     run(backbone, train, val, KnnConfig(protocol="capi", image_size=args.image_size, memory_mb=args.memory_mb),
         "capi", record, "capi")
     if args.compare_hummingbird:

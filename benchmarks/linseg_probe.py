@@ -3,31 +3,18 @@ iterations/s, evaluation images/s and query patches/s, peak memory, and the prob
 
     python benchmarks/linseg_probe.py --model zoo:mae --root ../shared/data/camvid --iterations 1000
 
-Peak memory: the process's maximum resident set (``resource.getrusage``, includes torch's
-tensors) and the peak of Python-level allocations (``tracemalloc``; torch's CPU tensors are not
-traced there); the float16 feature cache's size is computed from its shape.
+Peak memory as ``_segmentation.measured`` takes it; the float16 feature cache's size is computed
+from its shape.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import platform
-import resource
-import time
-import tracemalloc
 
-import torch
-
-from soapvit.backbones import load
-from soapvit.data.segmentation import SegmentationSplit
 from soapvit.eval.linear_seg import LinearSegConfig, evaluate_linear_seg
 
 from _record import Record
-
-
-def subset(split: SegmentationSplit, limit: int | None) -> SegmentationSplit:
-    return split if limit is None else dataclasses.replace(split, samples=split.samples[:limit])
+from _segmentation import measured, open_run
 
 
 def main() -> None:
@@ -43,28 +30,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     record = Record(__file__, parser)
     args = record.parse()
-    torch.set_num_threads(args.threads)
-    backbone = load(args.model, device=args.device)
-    train = subset(SegmentationSplit.open(f"{args.root}/train"), args.train_limit)
-    val = subset(SegmentationSplit.open(f"{args.root}/test", what="--val"), args.val_limit)
+    backbone, train, val = open_run(args, record)
     config = LinearSegConfig(iterations=args.iterations, batch_size=args.batch_size, image_size=args.image_size)
-    record.print(f"# {args.model} on {args.root}: {len(train)} train, {len(val)} test images; "
-                 f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-                 f"torch {torch.__version__}, device {args.device}")
-    tracemalloc.start()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    report = evaluate_linear_seg(backbone, train, val, config=config)
-    wall = time.perf_counter() - t0
-    _, traced = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    m = measured(lambda: evaluate_linear_seg(backbone, train, val, config=config))
+    report, wall = m.value, m.wall_s
     s, r = report.seconds, report.results["original"]
     side = report.settings["input"][0]
     grid = side // backbone.patch_size
     cache_mb = report.n_train * grid * grid * backbone.embed_dim * 2 / 2**20
     n_val = report.settings["n_val"]
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     record.print(f"input {side}x{side} ({grid}x{grid} patches), {config.iterations} iterations of "
                  f"{config.batch_size} images")
     record.print(f"mIoU {r['miou']:.2f}, pixel acc {r['acc']:.2f}; loss {r['first_loss']:.3f} -> {r['final_loss']:.3f}")
@@ -73,17 +47,15 @@ def main() -> None:
                  f"training {s['train']:.1f} s ({config.iterations / s['train']:.1f} iterations/s), "
                  f"evaluation {s['eval']:.1f} s ({n_val / s['eval']:.2f} images/s, "
                  f"{n_val * grid * grid / s['eval']:.0f} query patches/s)")
-    cuda = f", CUDA peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MB" if torch.cuda.is_available() else ""
-    record.print(f"peak RSS {peak_rss:.0f} MB, tracemalloc peak "
-                 f"{traced / 2**20:.1f} MB, float16 feature cache {cache_mb:.1f} MB per variant{cuda}")
+    record.print(f"peak RSS {m.peak_rss_mb:.0f} MB, tracemalloc peak "
+                 f"{m.tracemalloc_peak_mb:.1f} MB, float16 feature cache {cache_mb:.1f} MB per variant{m.cuda_text()}")
     record.results = {
         "miou": r["miou"], "acc": r["acc"], "first_loss": r["first_loss"], "final_loss": r["final_loss"],
         "input": side, "grid": grid, "iterations": config.iterations, "batch_size": config.batch_size,
         "n_train": report.n_train, "n_val": n_val, "wall_s": wall, "seconds": dict(s),
         "train_images_per_s": report.n_train / s["features"], "iterations_per_s": config.iterations / s["train"],
         "val_images_per_s": n_val / s["eval"], "query_patches_per_s": n_val * grid * grid / s["eval"],
-        "peak_rss_mb": peak_rss, "tracemalloc_peak_mb": traced / 2**20, "feature_cache_mb": cache_mb,
-        **({"cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {})}
+        **m.memory(), "feature_cache_mb": cache_mb}
     record.write()
 
 
