@@ -222,6 +222,8 @@ def test_cli_knnseg_both_protocols(splits, tmp_path):
     assert capi["settings"]["k_choices"] == [1, 3, 10, 30] and capi["settings"]["image_size"] == 32
     for payload in (hb, capi):
         assert payload["results"]["original"]["miou"] > 80
+        sources = {k: payload["settings"][k] for k in ("train", "val", "dataset", "root", "head")}
+        assert sources == {"train": str(splits[0]), "val": str(splits[1]), "dataset": None, "root": None, "head": None}
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "knnseg", "--model", "toy:colour", "--train", str(splits[0]), "--val", str(splits[1]),
               "--protocol", "nope"])

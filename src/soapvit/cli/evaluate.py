@@ -122,6 +122,12 @@ def _open_splits(train, val, dataset, root, train_split, val_split, layout, igno
     return opened
 
 
+def _split_sources(train, val, dataset, root) -> dict:
+    """Where a segmentation job's splits came from, as its JSON settings record it."""
+    return {"train": str(train) if train else None, "val": str(val) if val else None, "dataset": dataset,
+            "root": str(root) if root else None}
+
+
 @eval_app.command("knnseg")
 def knnseg_command(
     model: ModelOpt,
@@ -162,8 +168,7 @@ def knnseg_command(
     with RichProgress() as progress:
         result = evaluate_knnseg(backbone, train_data, val_data, corrections=corrections, config=config,
                                  progress=progress)
-    result.settings.update(head=str(head) if head else None, train=str(train) if train else None,
-                           val=str(val) if val else None, dataset=dataset, root=str(root) if root else None)
+    result.settings.update(head=str(head) if head else None, **_split_sources(train, val, dataset, root))
     print_log(result)
     if protocol == "capi":
         setting, columns = "capi protocol", [("miou", "mIoU"), ("acc", "pixel acc"), ("k", "k"), ("distance", "distance")]
@@ -223,8 +228,7 @@ def linseg_command(
     with RichProgress() as progress:
         result = evaluate_linear_seg(backbone, train_data, val_data, corrections=corrections, config=config,
                                      progress=progress)
-    result.settings.update(head=str(head) if head else None, train=str(train) if train else None,
-                           val=str(val) if val else None, dataset=dataset, root=str(root) if root else None)
+    result.settings.update(head=str(head) if head else None, **_split_sources(train, val, dataset, root))
     print_log(result)
     print_side_by_side(f"Linear segmentation probe {train or train_data.layout} → {val or val_data.layout} — {model}, "
                        f"{iterations} iterations", result.results,
