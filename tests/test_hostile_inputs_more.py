@@ -405,14 +405,19 @@ def test_a_zoo_model_from_a_read_only_weights_cache_is_one_line(run_cli, spec, t
     assert one_line(code, err) and "$SOAPVIT_CACHE" in err and "Permission denied" in err, err
 
 
+def probe_folders(root):
+    """``root/train`` and ``root/val``: two classes of two tiny photos each (the same in both)."""
+    for c in range(2):
+        (root / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(2):
+            photo(seed=2 * c + i).resize((16, 16)).save(root / "train" / f"c{c}" / f"{i}.png")
+    shutil.copytree(root / "train", root / "val")
+    return root
+
+
 @pytest.mark.parametrize("access", [True, False], ids=["access-says-read-only", "only-writes-fail"])
 def test_a_read_only_probe_cache_is_one_line(run_cli, tmp_path, monkeypatch, access):
-    folder = tmp_path / "data" / "train"
-    for c in range(2):
-        (folder / f"c{c}").mkdir(parents=True)
-        for i in range(2):
-            photo(seed=2 * c + i).resize((16, 16)).save(folder / f"c{c}" / f"{i}.png")
-    shutil.copytree(folder, tmp_path / "data" / "val")
+    probe_folders(tmp_path / "data")
     cache = tmp_path / "cache"
     cache.mkdir()
     monkeypatch.setenv("SOAPVIT_CACHE", str(cache))
@@ -429,12 +434,7 @@ def test_a_read_only_probe_cache_is_one_line(run_cli, tmp_path, monkeypatch, acc
 
 @pytest.mark.parametrize("access", [True, False], ids=["access-says-read-only", "only-writes-fail"])
 def test_a_read_only_probe_cache_that_holds_the_features_is_read_not_written(run_cli, tmp_path, monkeypatch, access):
-    folder = tmp_path / "data" / "train"
-    for c in range(2):
-        (folder / f"c{c}").mkdir(parents=True)
-        for i in range(2):
-            photo(seed=2 * c + i).resize((16, 16)).save(folder / f"c{c}" / f"{i}.png")
-    shutil.copytree(folder, tmp_path / "data" / "val")
+    probe_folders(tmp_path / "data")
     cache = tmp_path / "cache"
     monkeypatch.setenv("SOAPVIT_CACHE", str(cache))
     args = ["probe", "--model", "zoo:mae", "--train", f"{tmp_path / 'data'}:train", "--val", f"{tmp_path / 'data'}:val",
