@@ -204,16 +204,13 @@ def plan_batches(source: ImageSource, transform: ImageTransform, indices: Iterab
 
 
 def gather_log(log: RunLog) -> RunLog:
-    """The run logs of every rank of a :mod:`torch.distributed` group, merged in rank order (each
-    entry once); the log itself in a single process."""
+    """The run logs of every rank of a :mod:`torch.distributed` group, merged (each entry once, in
+    the log's own order); the log itself in a single process."""
     if not distributed.active():
         return log
     merged = RunLog()
     for part in distributed.all_gather_objects(log):
-        for entry in part.skipped:
-            merged.skip(entry["file"], entry["reason"])
-        for message in part.warnings:
-            merged.warn(message)
+        merged.merge(part.skipped, part.warnings)
     return merged
 
 
