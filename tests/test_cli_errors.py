@@ -45,6 +45,7 @@ BAD_FIT_OPTIONS = [
     (["--mu", "many"], "--mu"),
     (["--device", "mps"], "--device"),
     (["--block-features", "mlp"], "--block-features"),
+    (["--final-norm", "some"], "--final-norm"),
 ]
 
 
@@ -104,6 +105,24 @@ def test_allow_other_backbone_works_for_a_head_at_an_earlier_block(run_cli, imag
     assert code in (0, None), err
     payload = json.loads((tmp_path / "r.json").read_text())
     assert payload["passes"]["soap"] == "own pass" and set(payload["intervals"]) == {"soap", "posmean"}
+
+
+def test_final_norm_all_changes_only_the_earlier_blocks_and_is_recorded(run_cli, images, tmp_path):
+    import torch
+
+    from soapvit.corrections import CorrectionSet
+
+    heads = {}
+    for choice in ("last", "all"):
+        path = tmp_path / f"{choice}.safetensors"
+        assert run_cli(fit_args(images, path, "--synthetic", "4", "--blocks", "all", "--final-norm", choice))[0] in (0, None)
+        heads[choice] = CorrectionSet.load(path)
+    assert heads["last"].metadata["norm"] == "last" and heads["all"].metadata["norm"] is True
+    edited, normed = heads["last"].soap, heads["all"].soap
+    last = edited.apply_block
+    torch.testing.assert_close(edited.blocks[last].eigenvalues, normed.blocks[last].eigenvalues)
+    # the raw residual stream of block 0 is not the final-norm one (LayerNorm rescales every token)
+    assert not torch.allclose(edited.blocks[0].eigenvalues, normed.blocks[0].eigenvalues)
 
 
 def test_a_branch_head_is_refused_for_applying(run_cli, images, tmp_path):

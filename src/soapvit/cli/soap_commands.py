@@ -40,13 +40,12 @@ def run_fit(model: str, images: Path, out: Path, *, limit=None, synthetic=None, 
     from ..data.sources import open_images
     from ..corrections import SoapConfig
     from ..fitting import FIT_CONSTRAINTS, fit, resolve_methods
-    from ..validation import validate
+    from ..validation import Options, validate
 
     if threads is not None:
         set_threads(threads)
     norms = {"last": EDITED_TOKENS, "all": True}  # --final-norm → the fit's norm
-    if final_norm not in norms:
-        raise SoapvitError(f"--final-norm must be last or all, not {final_norm!r}")
+    validate({"final_norm": final_norm}, {"final_norm": Options(tuple(norms))})
     validate({"limit": limit, "synthetic": synthetic, "image_size": image_size, "batch_size": batch_size,
               "cache_gb": cache_gb, "generator": generator, "seed": seed, "block_features": block_features,
               "checkpoint_every": checkpoint_every, "calibration_images": calibration_images,
