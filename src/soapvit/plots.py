@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .corrections.soap import SI_THRESHOLD, BlockDecomposition, SoapHead, without_degenerate  # noqa: E402
+from .corrections.soap import SI_THRESHOLD, BlockDecomposition, SoapHead, degenerate  # noqa: E402
 from .io import save_figure  # noqa: E402
 
 NULL_DIRECTION = "LayerNorm null direction"
@@ -37,9 +37,8 @@ def _save(fig, path: Path) -> Path:
 def null_components(block: BlockDecomposition) -> list[int]:
     """Components (eigenvalue order) without variance: the direction a final LayerNorm removes
     (it centres every token). Their SI is rounding noise, pinned to the floor by the fit; these
-    are exactly the components :func:`~soapvit.corrections.soap.without_degenerate` pins."""
-    marked = without_degenerate(torch.ones_like(block.eigenvalues), block.eigenvalues, eps=0.0)
-    return (marked == 0).nonzero().flatten().tolist()
+    are the fit's :func:`~soapvit.corrections.soap.degenerate` components."""
+    return degenerate(block.eigenvalues).nonzero().flatten().tolist()
 
 
 def draw_si_curve(ax, block: BlockDecomposition, style: str = "-", label: str | None = None,

@@ -63,12 +63,16 @@ def si_scores(real: ResponseCounts, synthetic: ResponseCounts, variant: str = "r
     return semantic_invariance(p.mean(dim=(0, 1)), q.mean(dim=(0, 1)), alpha, gamma)
 
 
+def degenerate(eigenvalues: Tensor, relative: float = 1e-9) -> Tensor:
+    """Mask of the components without variance (eigenvalue ≤ ``relative`` × the largest): e.g. the
+    direction a final LayerNorm removes, whose response signs are rounding noise."""
+    return eigenvalues <= relative * eigenvalues.max()
+
+
 def without_degenerate(scores: Tensor, eigenvalues: Tensor, eps: float = 1e-6, relative: float = 1e-9) -> Tensor:
-    """SI set to ``eps`` for components without variance (eigenvalue ≤ ``relative`` × the largest):
-    e.g. the direction LayerNorm removes, whose response signs are rounding noise. Such a
-    component carries nothing to remove, so it must never rank among the noise components."""
-    degenerate = eigenvalues.to(scores.device) <= relative * eigenvalues.max()
-    return torch.where(degenerate, torch.full_like(scores, eps), scores)
+    """SI set to ``eps`` for the :func:`degenerate` components: such a component carries nothing to
+    remove, so it must never rank among the noise components."""
+    return torch.where(degenerate(eigenvalues, relative).to(scores.device), torch.full_like(scores, eps), scores)
 
 
 def descending_rank(scores: Tensor) -> Tensor:
