@@ -390,10 +390,15 @@ TABLES = {"fit-throughput": fit_throughput, "fit-processes": fit_processes, "tok
           "extract-onnx": extract_onnx, "zero-shot-protocols": zero_shot_protocols, "fit-methods": fit_methods}
 
 
+def render_tables(text: str, tables: dict) -> str:
+    """``text`` with every ``<!-- table:NAME -->`` block rebuilt by ``tables[NAME]()`` and every
+    quoted value filled in (:func:`fill_values`)."""
+    return fill_values(TABLE.sub(lambda m: f"{m.group(1)}\n{tables[m.group(2)]()}\n{m.group(3)}", text))
+
+
 def render(text: str) -> str:
     """BENCHMARKS.md with its tables and quoted values rebuilt."""
-    text = TABLE.sub(lambda m: f"{m.group(1)}\n{TABLES[m.group(2)]()}\n{m.group(3)}", text)
-    return fill_values(text)
+    return render_tables(text, TABLES)
 
 
 # ---------------------------------------------------------------- both documents

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -207,7 +206,7 @@ def zoo_table() -> str:
     """The zoo from its model cards (``src/soapvit/assets/zoo/*.json``, written by the training job)."""
     rows = ["| model | objective family | epochs | CPU s / wall s | final loss | kNN CLS | kNN mean | linear CLS | linear mean |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted((ROOT / "src" / "soapvit" / "assets" / "zoo").glob("*.json")):
+    for path in sorted(benchmark_tables.ZOO_CARDS.glob("*.json")):
         card = json.loads(path.read_text())
         probe = card.get("probe", {})
         family = "MIM" if card["objective"] in MIM_OBJECTIVES else "not MIM"
@@ -223,10 +222,7 @@ TABLES = {"depth": depth_table, "last-block": last_block_table, "zero-shot": zer
 
 
 def render(text: str) -> str:
-    def replace(match: re.Match) -> str:
-        return f"{match.group(1)}\n{TABLES[match.group(2)]()}\n{match.group(3)}"
-
-    return benchmark_tables.fill_values(re.sub(r"(<!-- table:([\w-]+) -->)\n(?:[^<]*?\n)?(<!-- /table -->)", replace, text))
+    return benchmark_tables.render_tables(text, TABLES)
 
 
 def main() -> None:
