@@ -173,11 +173,12 @@ def held_out_images(n_images: int, config: KnnConfig) -> Tensor:
 
 
 def choose_setting(features: Tensor, labels: Tensor, held: Tensor, num_classes: int,
-                   config: KnnConfig) -> tuple[int, str, dict]:
+                   config: KnnConfig, in_bank: Tensor | None = None) -> tuple[int, str, dict]:
     """``(k, distance, {"miou": {distance: {k: mIoU}}})``: the candidate with the
     best mIoU on the ``held`` patches (standardised ``features``), the bank being the other
-    patches whose modal label is a class; ties to the earlier candidate of CAPI's grid."""
-    bank = ~held & bank_patches(labels, num_classes)
+    patches whose modal label is a class (``in_bank``, :func:`bank_patches` when not given);
+    ties to the earlier candidate of CAPI's grid."""
+    bank = ~held & (bank_patches(labels, num_classes) if in_bank is None else in_bank)
     if not bank.any():
         raise SoapvitError("--protocol capi: no labelled training patch is left in the bank for the choice")
     queries, truth = features[held], labels[held]
@@ -214,7 +215,7 @@ def evaluate_capi(backbone: Backbone, train: SegmentationSplit, val: Segmentatio
     for v, raw in data.features.items():
         stats[v] = _standardiser(raw[~held])
         standardised = _standardise(raw, *stats[v])
-        k, distance, selection[v] = choose_setting(standardised, data.labels, held, c, config)
+        k, distance, selection[v] = choose_setting(standardised, data.labels, held, c, config, in_bank)
         selection[v] = {"held_out_images": int(held_images.sum()), **selection[v]}
         chosen[v] = (k, distance)
         banks[v] = standardised[in_bank]
